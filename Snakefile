@@ -1,0 +1,25 @@
+# The neuron-embedding pipeline. Stages, one rule file each, data flowing one way:
+# model -> corpus -> activations (GPU) -> selection -> embeddings -> clustering -> metrics -> report
+from snakemake.utils import min_version
+
+min_version("8.20")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/corpus.smk"
+include: "workflow/rules/activations.smk"
+include: "workflow/rules/selection.smk"
+include: "workflow/rules/embeddings.smk"
+include: "workflow/rules/clustering.smk"
+include: "workflow/rules/metrics.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

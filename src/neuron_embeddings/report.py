@@ -1,0 +1,189 @@
+"""The run's HTML report: one self-contained page (plots inlined), every piece of corpus text escaped."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__, schemas
+from .storage import atomic_path, parquet_provenance, read_parquet
+
+MAX_CLUSTERS_SHOWN = 8
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:72rem;color:#222;padding:0 1rem}
+h1,h2,h3{font-weight:600} table{border-collapse:collapse;margin:.5rem 0}
+td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:right} th{background:#f3f3f3}
+td.l,th.l{text-align:left} .neuron{border:1px solid #ddd;border-radius:6px;padding:.5rem 1rem;margin:1rem 0}
+.cluster{margin:.5rem 0 .75rem 1rem} .ex{font-family:ui-monospace,monospace;font-size:.85rem;margin:.15rem 0;
+white-space:pre-wrap;word-break:break-all} .tok{border-radius:2px} .max{outline:2px solid #c00}
+.muted{color:#777;font-size:.9rem} img{max-width:100%}
+"""
+
+
+def esc(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def show_token(token: str) -> str:
+    return esc(token.replace("\n", "\u21b5\n").replace("\t", "\u2192"))
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else esc(value)
+
+
+def layer_figure(metrics: pa.Table, layer: int) -> str:
+    """Two histograms (clusters per neuron, mean pairwise distance) as an inline PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clusters = metrics.column("n_clusters").to_numpy()
+    distance = np.array([v for v in metrics.column("mean_distance").to_pylist() if v is not None])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3), dpi=100)
+    if clusters.size:
+        axes[0].hist(clusters, bins=np.arange(0.5, clusters.max() + 1.5), color="#4c72b0")
+    axes[0].set(title=f"layer {layer}: feature clusters per neuron", xlabel="clusters", ylabel="neurons")
+    if distance.size:
+        axes[1].hist(distance, bins=30, color="#dd8452")
+    axes[1].set(title=f"layer {layer}: mean pairwise cosine distance", xlabel="distance", ylabel="neurons")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return f'<img alt="layer {layer} distributions" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def render_example(tokens: list[str], acts: list[float], center: int, scale: float) -> str:
+    spans = []
+    for i, (token, act) in enumerate(zip(tokens, acts)):
+        alpha = 0.0 if scale <= 0 or act is None else max(0.0, min(1.0, act / scale))
+        cls = "tok max" if i == center else "tok"
+        spans.append(
+            f'<span class="{cls}" style="background:rgba(255,120,0,{alpha:.2f})" '
+            f'title="{esc(f"{token!r}: {act:.3f}")}">{show_token(token)}</span>'
+        )
+    return '<div class="ex">' + "".join(spans) + "</div>"
+
+
+def pick_neurons(metrics: pa.Table, count: int) -> tuple[list[int], list[int]]:
+    """Most and least polysemantic neurons: by clusters, then by mean distance."""
+    rows = metrics.select(["neuron", "n_clusters", "mean_distance", "size"]).to_pylist()
+    rows = [r for r in rows if r["size"] > 1]
+    key = lambda r: (r["n_clusters"], r["mean_distance"] or 0.0, -r["neuron"])  # noqa: E731
+    ordered = sorted(rows, key=key)
+    most = [r["neuron"] for r in reversed(ordered[-count:])] if count else []
+    least = [r["neuron"] for r in ordered[:count] if r["neuron"] not in most]
+    return most, least
+
+
+def neuron_section(neuron: int, metric: dict[str, Any], examples: list[dict[str, Any]], per_cluster: int) -> str:
+    scale = max((e["activation"] for e in examples), default=1.0)
+    parts = [
+        f'<div class="neuron" id="n{neuron}"><h3>neuron {neuron}</h3>',
+        f'<p class="muted">{metric["size"]} examples, {metric["n_clusters"]} clusters, '
+        f'mean distance {fmt(metric["mean_distance"])}, max {fmt(metric["max_distance"])}, '
+        f'intra {fmt(metric["mean_intra_distance"])}, inter {fmt(metric["mean_inter_distance"])}, '
+        f'max activation {fmt(metric["max_activation"])}</p>',
+    ]
+    by_cluster: dict[int, list[dict[str, Any]]] = {}
+    for e in examples:
+        by_cluster.setdefault(e["cluster"], []).append(e)
+    for cluster in sorted(by_cluster)[:MAX_CLUSTERS_SHOWN]:
+        members = sorted(by_cluster[cluster], key=lambda e: (not e["is_central"], e["example_rank"]))
+        parts.append(f'<div class="cluster"><b>cluster {cluster}</b> <span class="muted">({len(members)} examples; '
+                     f'first: central example)</span>')
+        for e in members[:per_cluster]:
+            parts.append(render_example(e["context_tokens"], e["context_activations"], e["context_center"], scale))
+        parts.append("</div>")
+    if len(by_cluster) > MAX_CLUSTERS_SHOWN:
+        parts.append(f'<p class="muted">… and {len(by_cluster) - MAX_CLUSTERS_SHOWN} more clusters</p>')
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
+def write_report(
+    out_path: str | os.PathLike,
+    run: str,
+    summary_path: str | os.PathLike,
+    metrics_paths: dict[int, str | os.PathLike],
+    clusters_paths: dict[int, str | os.PathLike],
+    embeddings_paths: dict[int, str | os.PathLike],
+    documents_path: str | os.PathLike,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    summary = json.loads(open(summary_path).read())
+    documents = read_parquet(documents_path, schemas.DOCUMENTS)
+    report_cfg = settings.get("report", {})
+    count = int(report_cfg.get("neurons_shown", 4))
+    per_cluster = int(report_cfg.get("examples_per_cluster", 3))
+    first_embeddings = parquet_provenance(next(iter(embeddings_paths.values())))
+    model = first_embeddings.get("model", {})
+    cache = first_embeddings.get("cache_settings", {})
+    tokens = int(np.sum(documents.column("n_tokens").to_numpy()))
+    sel = settings.get("selection", {})
+    body = [
+        f"<h1>Neuron embeddings: {esc(run)}</h1>",
+        f'<p class="muted">neuron-embeddings {esc(__version__)}</p>',
+        "<h2>Run</h2><table>",
+        f'<tr><th class="l">model</th><td class="l">{esc(model.get("source"))} ({esc(model.get("architecture"))}, '
+        f'{esc(model.get("n_layers"))} layers, {esc(model.get("n_neurons"))} neurons per layer, '
+        f'd_model {esc(model.get("d_model"))}, activation {esc(model.get("activation"))})</td></tr>',
+        f'<tr><th class="l">corpus</th><td class="l">{documents.num_rows} documents, {tokens} document tokens read; '
+        f'windows of {esc(cache.get("window_tokens"))} tokens</td></tr>',
+        f'<tr><th class="l">selection</th><td class="l">{esc(sel.get("mode", "top_k"))}: the {esc(sel.get("top_k"))} '
+        f'strongest examples per neuron (ties broken by corpus position); compute dtype {esc(cache.get("dtype"))}</td></tr>',
+        f'<tr><th class="l">clustering</th><td class="l">{esc(settings.get("clustering", {}).get("method", "threshold_graph"))}, '
+        f'cosine-similarity threshold {esc(json.dumps(settings.get("clustering", {}).get("threshold")))}</td></tr>',
+        "</table>",
+        "<h2>Summary</h2><table><tr><th>layer</th><th>neurons</th><th>clusters per neuron (mean)</th>"
+        "<th>median</th><th>polysemantic (&gt;1 cluster)</th><th>median mean distance</th></tr>",
+    ]
+    for layer, row in summary["layers"].items():
+        body.append(
+            f"<tr><td>{esc(layer)}</td><td>{row['neurons']}</td><td>{fmt(row['clusters_per_neuron_mean'], 2)}</td>"
+            f"<td>{fmt(row['clusters_per_neuron_median'], 1)}</td><td>{fmt(row['frac_polysemantic'], 3)}</td>"
+            f"<td>{fmt(row['mean_distance_median'])}</td></tr>"
+        )
+    body.append("</table>")
+    for layer in sorted(metrics_paths):
+        metrics = read_parquet(metrics_paths[layer], schemas.METRICS)
+        body.append(f'<h2 id="layer-{layer}">Layer {layer}</h2>')
+        body.append(layer_figure(metrics, layer))
+        most, least = pick_neurons(metrics, count)
+        shown = set(most) | set(least)
+        if not shown:
+            continue
+        emb = read_parquet(embeddings_paths[layer], schemas.EMBEDDINGS).drop_columns(["embedding"])
+        clusters = read_parquet(clusters_paths[layer], schemas.CLUSTERS)
+        keep = np.isin(emb.column("neuron").to_numpy(), list(shown))
+        rows = emb.filter(pa.array(keep)).to_pylist()
+        cl_rows = clusters.filter(pa.array(keep)).to_pylist()
+        examples: dict[int, list[dict[str, Any]]] = {}
+        for e, c in zip(rows, cl_rows):
+            examples.setdefault(e["neuron"], []).append({**e, "cluster": c["cluster"], "is_central": c["is_central"]})
+        by_neuron = {m["neuron"]: m for m in metrics.to_pylist() if m["neuron"] in shown}
+        for title, group in (("Most polysemantic", most), ("Least polysemantic", least)):
+            body.append(f"<h3>{title} neurons of layer {layer}</h3>")
+            for neuron in group:
+                body.append(neuron_section(neuron, by_neuron[neuron], examples.get(neuron, []), per_cluster))
+    page = (
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>Neuron embeddings: {esc(run)}</title><style>{CSS}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
+    with atomic_path(out_path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return {"bytes": len(page.encode())}

@@ -1,0 +1,55 @@
+"""Running one stage as a workflow job or from the command line: logging to the job's log, one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from .errors import PipelineError
+
+T = TypeVar("T")
+log = logging.getLogger("neuron_embeddings")
+
+
+def run_stage(name: str, fn: Callable[[], T], log_path: str | None = None, threads: int | None = None) -> T:
+    """Run fn with logging (and progress bars) going to log_path; a PipelineError becomes exit 1 and one line."""
+    console = sys.stderr
+    handle = open(log_path, "w", buffering=1) if log_path else None
+    try:
+        with contextlib.redirect_stderr(handle) if handle else contextlib.nullcontext():
+            logging.basicConfig(
+                level=logging.INFO, stream=sys.stderr, force=True,
+                format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            )
+            if threads:
+                torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            start = time.perf_counter()
+            log.info("stage %s: start", name)
+            try:
+                result = fn()
+            except PipelineError as exc:
+                log.error("%s", exc)
+                print(f"error: {exc}", file=console)
+                raise SystemExit(1) from None
+            log.info("stage %s: done in %.1f s: %s", name, time.perf_counter() - start, result)
+            return result
+    finally:
+        if handle:
+            handle.close()
+
+
+def quiet_hub() -> None:
+    """Everything the stages load is local; never let a library reach for the network."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def as_int_keys(mapping: dict[Any, Any]) -> dict[int, Any]:
+    return {int(k): v for k, v in mapping.items()}

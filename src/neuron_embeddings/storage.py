@@ -1,0 +1,125 @@
+"""Writing outputs so that no half-written file is ever taken for a finished one, and reading them safely.
+
+Every file is written under a temporary name in the same directory and renamed into place, so a killed job
+leaves either the previous file or nothing. Tensors go through safetensors (never pickle); tables through
+Parquet with the provenance in the key-value metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from safetensors.numpy import load_file, save_file
+
+from . import __version__
+from .errors import PipelineError
+
+PROVENANCE_KEY = b"neuron_embeddings.provenance"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def settings_hash(settings: Mapping[str, Any]) -> str:
+    """A short stable hash of the settings that produced an output (recorded, never used as a trigger)."""
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def provenance(stage: str, settings: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "package_version": __version__,
+        "settings": dict(settings),
+        "settings_hash": settings_hash(settings),
+        **extra,
+    }
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike, meta: Mapping[str, Any]) -> None:
+    existing = table.schema.metadata or {}
+    table = table.replace_schema_metadata({**existing, PROVENANCE_KEY: json.dumps(meta, default=str).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def read_parquet(path: str | os.PathLike, expected: pa.Schema | None = None) -> pa.Table:
+    """Read a table, checking it against the schema this version writes (names and types)."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise PipelineError(f"{path}: not a readable Parquet file ({exc})") from None
+    if expected is not None:
+        check_schema(table.schema, expected, path)
+    return table
+
+
+def check_schema(actual: pa.Schema, expected: pa.Schema, path: str | os.PathLike) -> None:
+    for field in expected:
+        index = actual.get_field_index(field.name)
+        if index < 0:
+            raise PipelineError(
+                f"{path}: column '{field.name}' is missing (written by another version? delete it to recompute)"
+            )
+        got = actual.field(index).type
+        if not _same_type(got, field.type):
+            raise PipelineError(f"{path}: column '{field.name}' has type {got}, expected {field.type}")
+
+
+def _same_type(got: pa.DataType, want: pa.DataType) -> bool:
+    # Fixed-size lists have a per-file width (d_model differs by model), so only the value type is fixed.
+    if pa.types.is_fixed_size_list(want):
+        return pa.types.is_fixed_size_list(got) and got.value_type == want.value_type
+    return got.equals(want)
+
+
+def parquet_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def save_tensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, meta: Mapping[str, Any]) -> None:
+    arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(arrays, str(tmp), metadata={"provenance": json.dumps(meta, default=str)})
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            meta = json.loads((handle.metadata() or {}).get("provenance", "{}"))
+        return load_file(str(path)), meta
+    except Exception as exc:  # safetensors raises several types for truncated or foreign files
+        raise PipelineError(f"{path}: not a readable safetensors file ({exc}); delete it to recompute") from None
+
+
+def write_json(data: Any, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

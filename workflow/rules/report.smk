@@ -1,0 +1,27 @@
+rule report:
+    input:
+        summary=f"{RUN}/metrics/summary.json",
+        metrics=expand(f"{RUN}/metrics/layer-{{layer}}.parquet", layer=LAYERS),
+        clusters=expand(f"{RUN}/clusters/layer-{{layer}}.parquet", layer=LAYERS),
+        embeddings=expand(f"{RUN}/embeddings/layer-{{layer}}.parquet", layer=LAYERS),
+        documents=rules.tokenize_corpus.output.documents,
+    output:
+        report(
+            f"{RUN}/report/index.html",
+            caption="../report/index.rst",
+            category="Report",
+        ),
+    params:
+        layers=LAYERS,
+        run=config["run"],
+        settings={k: config[k] for k in ("model", "selection", "clustering", "report")},
+        corpus={k: v for k, v in config["corpus"].items()},
+        code=code_version("report", "metrics"),
+    log:
+        f"{RUN}/logs/report.log",
+    benchmark:
+        f"{RUN}/benchmarks/report.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/report.py"

@@ -1,0 +1,12 @@
+from neuron_embeddings.metrics import run_summary
+from neuron_embeddings.runner import run_stage
+from neuron_embeddings.storage import write_json
+
+
+def main():
+    summary = run_summary(dict(zip(snakemake.params.layers, snakemake.input)))
+    write_json(summary, snakemake.output[0])
+    return summary
+
+
+run_stage("summarize_run", main, snakemake.log[0])
