@@ -8,6 +8,11 @@ min_version("8.20")
 configfile: "config.yaml"
 
 
+wildcard_constraints:
+    layer=r"\d+",
+    shard=r"\d+",
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/corpus.smk"

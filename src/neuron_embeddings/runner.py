@@ -38,6 +38,9 @@ def run_stage(name: str, fn: Callable[[], T], log_path: str | None = None, threa
                 log.error("%s", exc)
                 print(f"error: {exc}", file=console)
                 raise SystemExit(1) from None
+            except Exception:
+                log.exception("stage %s failed", name)
+                raise
             log.info("stage %s: done in %.1f s: %s", name, time.perf_counter() - start, result)
             return result
     finally:

@@ -123,6 +123,7 @@ class TopKAccumulator:
         live = self.xrow >= 0
         used, inverse = torch.unique(self.xrow[live], return_inverse=True)
         self.x_store = self.x_store[used]
+        self.xrow = self.xrow.clone()  # may be an inference-mode tensor, which cannot be updated in place
         self.xrow[live] = inverse
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -14,11 +14,6 @@ SHARDS = [f"{i:03d}" for i in range(config["corpus"]["n_shards"])]
 ENV = "../../envs/pipeline.yaml"
 
 
-wildcard_constraints:
-    layer=r"\d+",
-    shard=r"\d+",
-
-
 def startup_checks():
     """Errors worth catching before any job starts, each a single line naming the key."""
     import sys
@@ -38,7 +33,7 @@ from neuron_embeddings.clustering import threshold_for
 
 
 def code_version(*modules):
-    """Hash of the package modules a rule runs, as a param: editing one reruns that stage and what follows."""
+    """Hash of the package modules behind a stage, passed as a param: editing one reruns that stage and after."""
     digest = hashlib.sha256()
     for name in sorted(set(modules) | {"storage", "schemas", "errors", "runner"}):
         digest.update((SRC / f"{name}.py").read_bytes())

@@ -1,0 +1,149 @@
+"""End-to-end runs of the real Snakemake workflow: a tiny local model (seconds) and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import planned_jobs, run_snakemake, tiny_config, write_corpus
+from neuron_embeddings import schemas
+from neuron_embeddings.embeddings import verify_file
+from neuron_embeddings.storage import check_schema, load_tensors, parquet_provenance
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama, tmp_path_factory) -> tuple[Path, dict]:
+    workdir = tmp_path_factory.mktemp("workflow")
+    corpus = write_corpus(workdir / "corpus")
+    config = tiny_config(tiny_llama, corpus)
+    run_snakemake(workdir, config)
+    return workdir, config
+
+
+def test_every_output_has_its_schema_and_the_invariant_holds(tiny_run):
+    workdir, config = tiny_run
+    run = workdir / "results" / config["run"]
+    check_schema(pq.read_schema(run / "corpus/documents.parquet"), schemas.DOCUMENTS, "documents")
+    windows = pq.read_table(run / "corpus/shard-000.parquet")
+    check_schema(windows.schema, schemas.WINDOWS, "shard-000")
+    assert pq.read_table(run / "corpus/shard-001.parquet").num_rows > 0
+    top_k = config["selection"]["top_k"]
+    for layer in config["layers"]:
+        emb = pq.read_table(run / f"embeddings/layer-{layer}.parquet")
+        check_schema(emb.schema, schemas.EMBEDDINGS, "embeddings")
+        assert verify_file(run / f"embeddings/layer-{layer}.parquet") < 1e-4  # from the file alone
+        # Llama: two projections (gate, up), each embedding twice d_model long.
+        assert emb.schema.field("embedding").type.list_size == 2 * 32
+        assert emb.schema.field("pre_activations").type.list_size == 2
+        neurons = emb.column("neuron").to_numpy()
+        assert set(neurons) == set(range(48))
+        assert np.bincount(neurons).max() == top_k
+        acts = emb.column("activation").to_numpy()
+        for n in range(48):
+            a = acts[neurons == n]
+            assert np.all(np.diff(a) <= 0), "examples are in rank order"
+        ctx = emb.column("context_activations").to_pylist()
+        centers = emb.column("context_center").to_pylist()
+        assert all(np.isclose(c[i], a) for c, i, a in zip(ctx, centers, acts))
+        prov = parquet_provenance(run / f"embeddings/layer-{layer}.parquet")
+        assert prov["model"]["source"] == config["model"]["source"]
+        assert prov["model"]["architecture"] == "LlamaForCausalLM"
+        assert prov["package_version"] and prov["settings_hash"]
+
+        clusters = pq.read_table(run / f"clusters/layer-{layer}.parquet")
+        check_schema(clusters.schema, schemas.CLUSTERS, "clusters")
+        assert clusters.num_rows == emb.num_rows
+        assert clusters.column("neuron").to_pylist() == emb.column("neuron").to_pylist()
+        central = clusters.group_by(["neuron", "cluster"]).aggregate([("is_central", "sum")])
+        assert set(central.column("is_central_sum").to_pylist()) == {1}
+
+        metrics = pq.read_table(run / f"metrics/layer-{layer}.parquet")
+        check_schema(metrics.schema, schemas.METRICS, "metrics")
+        assert metrics.num_rows == 48
+        assert min(metrics.column("n_clusters").to_pylist()) >= 1
+        state, _ = load_tensors(run / f"selection/layer-{layer}.safetensors")
+        assert int(state["n_tokens"][0]) > 0
+    summary = json.loads((run / "metrics/summary.json").read_text())
+    assert set(summary["layers"]) == {str(layer) for layer in config["layers"]}
+    assert summary["layers"]["2"]["clustering"]["threshold"] == 0.2  # per-layer threshold applied
+
+
+def test_report_is_html_with_escaped_corpus_text(tiny_run):
+    workdir, config = tiny_run
+    page = (workdir / "results" / config["run"] / "report/index.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert "<script" not in page  # corpus text carries <script>; it must never appear unescaped
+    assert "Layer 0" in page and "Layer 2" in page
+    assert "data:image/png;base64," in page  # the per-layer distribution plots
+
+
+def test_finished_run_has_nothing_to_do(tiny_run):
+    workdir, config = tiny_run
+    proc = run_snakemake(workdir, config, "-n")
+    assert planned_jobs(proc) == {}, proc.stdout[-2000:]
+
+
+def test_threshold_change_reruns_only_clustering_and_after(tiny_run):
+    workdir, config = tiny_run
+    changed = json.loads(json.dumps(config))
+    changed["clustering"]["threshold"]["default"] = 0.5
+    jobs = planned_jobs(run_snakemake(workdir, changed, "-n"))
+    assert set(jobs) == {"cluster_features", "neuron_metrics", "summarize_run", "report", "all"}, jobs
+    assert jobs["cluster_features"] == 1  # only layer 0 uses the default threshold
+
+
+def test_bad_config_fails_before_any_job_with_one_line(tiny_llama, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", repeats=1)
+    cases = {
+        "layers": ([0, 7], "layers: [7] out of range"),
+        "corpus": (
+            {"sources": [{"path": str(tmp_path / "nothing-*.txt")}], "window_tokens": 16, "n_shards": 1},
+            "matches no file",
+        ),
+    }
+    for key, (value, message) in cases.items():
+        config = tiny_config(tiny_llama, corpus, run="bad", **{key: value})
+        proc = run_snakemake(tmp_path / key, config, check=False)
+        assert proc.returncode != 0
+        assert message in proc.stdout + proc.stderr
+        assert not (tmp_path / key / "results").exists()
+    config = tiny_config(tiny_llama, corpus, run="bad")
+    config["clustering"]["threshold"] = 1.5
+    proc = run_snakemake(tmp_path / "threshold", config, check=False)
+    assert proc.returncode != 0 and "threshold" in proc.stdout + proc.stderr
+
+
+def test_embedded_smollm2_default_runs_end_to_end(tmp_path):
+    """The shipped default model and corpus, with few tokens and one layer."""
+    pytest.importorskip("gguf")
+    config = {
+        "run": "smollm2-small",
+        "model": {"source": "builtin:smollm2-135m-instruct"},
+        "corpus": {
+            "sources": [{"builtin": "fortunes", "seed": 0, "max_documents": 60}],
+            "window_tokens": 32,
+            "n_shards": 1,
+            "max_tokens": 1200,
+        },
+        "layers": [5],
+        "activations": {"batch_size": 8, "device": "auto", "dtype": "float32", "threads": 2},
+        "selection": {"mode": "top_k", "top_k": 8},
+        "clustering": {"threshold": 0.3},
+        "report": {"neurons_shown": 2},
+    }
+    run_snakemake(tmp_path, config)
+    run = tmp_path / "results/smollm2-small"
+    assert verify_file(run / "embeddings/layer-5.parquet") < 1e-4
+    emb = pq.read_table(run / "embeddings/layer-5.parquet")
+    assert emb.num_rows == 1536 * 8
+    assert emb.schema.field("embedding").type.list_size == 2 * 576
+    assert parquet_provenance(run / "embeddings/layer-5.parquet")["model"]["architecture"] == "LlamaForCausalLM"
+    assert (run / "report/index.html").stat().st_size > 10_000
+    shutil.rmtree(run / "model")  # 0.5 GB of fp32 weights; nothing else needs them
