@@ -300,3 +300,24 @@ def test_empty_batch_changes_nothing(data):
     assert torch.isinf(state["values"]).all() and (state["xrow"] == -1).all()
     assert state["x"].shape == (0, D)
     assert torch.isinf(state["stat_max"]).all() and (state["stat_positive"] == 0).all()
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_batches_of_any_width_and_window_order(data, batch):
+    """Windows fed in any order (here longest first), each batch cut to its longest window: same answer.
+
+    token_index keeps the full window length T, while the tensors are only as wide as the batch needs.
+    """
+    act, pre, x, valid, token_index = data
+    k = 3
+    ref = _brute_force(act, pre, x, valid, token_index, k)
+    lengths = valid.sum(1) + 1  # real tokens incl. BOS; windows end at their last valid position
+    lengths[valid.sum(1) == 0] = 1
+    order = torch.argsort(-lengths, stable=True)
+    acc = topk.TopKAccumulator(N, D, NPROJ, k, BEFORE, AFTER)
+    for start in range(0, W, batch):
+        members = order[start : start + batch]
+        width = int(lengths[members].max())
+        acc.update(act[members, :width], [q[members, :width] for q in pre], x[members, :width],
+                   valid[members, :width], token_index[members, :width])
+    _assert_matches(acc.state(), ref)

@@ -79,18 +79,23 @@ def cache_shard(
         )
         for layer in layers
     }
-    n_batches = (len(windows) + settings.batch_size - 1) // settings.batch_size
-    positions = torch.arange(T)
+    # Batches of windows of similar length, padded only to their longest: the canonical top-k makes the
+    # result independent of batch composition and order, so this changes speed, never the output.
+    lengths_all = np.array([len(ids) for ids in input_ids])
+    order = np.argsort(-lengths_all, kind="stable")
+    batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     with MLPCapture(model, adapter, layers, stop_after_last=True) as capture, torch.inference_mode():
-        for batch in tqdm(range(n_batches), desc=f"cache shard {shard}", unit="batch", mininterval=2.0):
-            lo, hi = batch * settings.batch_size, min((batch + 1) * settings.batch_size, len(windows))
+        for members in tqdm(batches, desc=f"cache shard {shard}", unit="batch", mininterval=2.0):
+            width = int(lengths_all[members].max())
             # Right padding and no attention mask: attention is causal, so padding never reaches a real token.
-            ids = torch.full((hi - lo, T), pad_id, dtype=torch.int64)
-            lengths = torch.tensor([len(input_ids[i]) for i in range(lo, hi)])
-            for row, i in enumerate(range(lo, hi)):
-                ids[row, : len(input_ids[i])] = torch.tensor(input_ids[i], dtype=torch.int64)
-            valid = (positions[None, :] < lengths[:, None]) & (positions[None, :] >= torch.tensor(n_prefix[lo:hi])[:, None])
-            token_index = torch.tensor(windows[lo:hi], dtype=torch.int64)[:, None] * T + positions[None, :]
+            ids = torch.full((len(members), width), pad_id, dtype=torch.int64)
+            for row, i in enumerate(members):
+                ids[row, : lengths_all[i]] = torch.tensor(input_ids[i], dtype=torch.int64)
+            positions = torch.arange(width)
+            lengths = torch.from_numpy(lengths_all[members])
+            prefix = torch.from_numpy(n_prefix[members].astype(np.int64))
+            valid = (positions[None, :] < lengths[:, None]) & (positions[None, :] >= prefix[:, None])
+            token_index = torch.from_numpy(windows[members].astype(np.int64))[:, None] * T + positions[None, :]
             run_capture(body, ids.to(device))
             for layer, acc in accumulators.items():
                 slot = capture.captured[layer]

@@ -58,7 +58,9 @@ def read_text_file(path: str | os.PathLike, encoding: str = "utf-8") -> str:
 
 
 def _iter_jsonl(path: str, field: str, encoding: str) -> Iterator[tuple[str, str]]:
-    for lineno, line in enumerate(read_text_file(path, encoding).splitlines(), start=1):
+    # Split on "\n" only: JSON strings may hold U+2028/U+2029/U+0085 raw, which str.splitlines breaks on.
+    for lineno, line in enumerate(read_text_file(path, encoding).split("\n"), start=1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         try:

@@ -102,8 +102,8 @@ def neuron_section(neuron: int, metric: dict[str, Any], examples: list[dict[str,
         by_cluster.setdefault(e["cluster"], []).append(e)
     for cluster in sorted(by_cluster)[:MAX_CLUSTERS_SHOWN]:
         members = sorted(by_cluster[cluster], key=lambda e: (not e["is_central"], e["example_rank"]))
-        parts.append(f'<div class="cluster"><b>cluster {cluster}</b> <span class="muted">({len(members)} examples; '
-                     f'first: central example)</span>')
+        parts.append(f'<div class="cluster"><b>cluster {cluster}</b> <span class="muted">({len(members)} example{"s" if len(members) != 1 else ""}; '
+                     f'the first shown is the central one)</span>')
         for e in members[:per_cluster]:
             parts.append(render_example(e["context_tokens"], e["context_activations"], e["context_center"], scale))
         parts.append("</div>")
@@ -150,7 +150,7 @@ def write_report(
         "<h2>Summary</h2><table><tr><th>layer</th><th>neurons</th><th>clusters per neuron (mean)</th>"
         "<th>median</th><th>polysemantic (&gt;1 cluster)</th><th>median mean distance</th></tr>",
     ]
-    for layer, row in summary["layers"].items():
+    for layer, row in sorted(summary["layers"].items(), key=lambda item: int(item[0])):
         body.append(
             f"<tr><td>{esc(layer)}</td><td>{row['neurons']}</td><td>{fmt(row['clusters_per_neuron_mean'], 2)}</td>"
             f"<td>{fmt(row['clusters_per_neuron_median'], 1)}</td><td>{fmt(row['frac_polysemantic'], 3)}</td>"
