@@ -24,6 +24,7 @@ demo: $(STAMP)
 	@echo "report: results/$$($(BIN)/python -c 'import yaml;print(yaml.safe_load(open("config.yaml"))["run"])')/report/index.html"
 
 test: $(STAMP)
+	tests/setup/system-packages.sh
 	HF_HUB_OFFLINE=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
 
 clean:
