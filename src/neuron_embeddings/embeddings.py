@@ -25,6 +25,38 @@ from .storage import load_tensors, provenance, read_parquet, write_parquet
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
 
+def worst_dtype(*dtypes: str) -> str:
+    return max(dtypes, key=lambda d: TOLERANCE[d])
+
+
+def selected_entries(state: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
+    """Every kept example of a selection file, main set and quantile bins together, ordered by neuron and then
+    by activation (descending; ties by token), with x gathered from each set's store."""
+    parts = []
+    for prefix, label in (("", mode), ("quantile.", "quantile")):
+        if f"{prefix}values" not in state:
+            continue
+        values = state[f"{prefix}values"]
+        slot, col = np.nonzero(np.isfinite(values))
+        per_neuron = 1 if not prefix else values.shape[0] // state["values"].shape[0]
+        sample = [label] * len(slot) if not prefix else [f"quantile-{b}" for b in (slot % per_neuron).tolist()]
+        parts.append({
+            "neuron": slot // per_neuron,
+            "value": values[slot, col],
+            "token": state[f"{prefix}tokens"][slot, col],
+            "pre": state[f"{prefix}pre"][slot, col],
+            "context": state[f"{prefix}context"][slot, col],
+            "x": state[f"{prefix}x"][state[f"{prefix}xrow"][slot, col]].astype(np.float32),
+            "sample": np.array(sample, dtype=object),
+        })
+    joined = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    order = np.lexsort((joined["token"], -joined["value"].astype(np.float64), joined["neuron"]))
+    joined = {key: value[order] for key, value in joined.items()}
+    starts = np.searchsorted(joined["neuron"], joined["neuron"], side="left")
+    joined["rank"] = np.arange(len(order)) - starts
+    return joined
+
+
 def invariant_error(embedding: np.ndarray, biases: np.ndarray, pre: np.ndarray) -> np.ndarray:
     """Per row and projection: |sum(e_j) + b_j - pre_j| / (1 + sum |e_j|)."""
     n_proj = pre.shape[1]
@@ -51,7 +83,8 @@ def verify_file(path: str | os.PathLike) -> float:
     from .storage import parquet_provenance
 
     table = read_parquet(path, schemas.EMBEDDINGS)
-    dtype = parquet_provenance(path).get("cache_settings", {}).get("dtype", "float32")
+    cache = parquet_provenance(path).get("cache_settings", {})
+    dtype = worst_dtype(cache.get("dtype", "float32"), cache.get("store_dtype", "float32"))
     if table.num_rows == 0:
         return 0.0
     emb = _fixed_list(table.column("embedding"))
@@ -93,14 +126,14 @@ def build_embeddings(
     model, tokenizer, info = load_prepared(model_dir, trust_remote_code)
     weights = adapter_for(model).input_weights(model, layer)
 
-    values = state["values"]
-    neuron, rank = np.nonzero(np.isfinite(values))  # row-major: sorted by neuron, then rank
-    x = state["x"][state["xrow"][neuron, rank]]
+    entries = selected_entries(state, sel_meta["settings"].get("mode", "top_k"))
+    neuron, x = entries["neuron"], entries["x"].astype(np.float32)
     segments = [x * w.numpy()[neuron] for w, _ in weights]
     embedding = np.concatenate(segments, axis=1).astype(np.float32)
     biases = np.stack([b.numpy()[neuron] for _, b in weights], axis=1).astype(np.float32)
-    pre = state["pre"][neuron, rank].astype(np.float32)
-    worst = check_invariant(embedding, biases.astype(np.float64), pre.astype(np.float64), cache_settings["dtype"], f"layer {layer}")
+    pre = entries["pre"].astype(np.float32)
+    tolerance_dtype = worst_dtype(cache_settings.get("dtype", "float32"), cache_settings.get("store_dtype", "float32"))
+    worst = check_invariant(embedding, biases.astype(np.float64), pre.astype(np.float64), tolerance_dtype, f"layer {layer}")
 
     windows: dict[int, tuple[int, int, int, list[int]]] = {}
     docs = {}
@@ -108,9 +141,8 @@ def build_embeddings(
         table = read_parquet(shard, schemas.WINDOWS)
         for w, d, s, p, ids in zip(*(table.column(c).to_pylist() for c in ("window", "document", "doc_start", "n_prefix", "input_ids"))):
             windows[w] = (d, s, p, ids)
-    token_index = state["tokens"][neuron, rank]
+    token_index, rank, context = entries["token"], entries["rank"], entries["context"]
     text = TokenText(tokenizer)
-    context = state["context"][neuron, rank]
     rows: dict[str, list] = {name: [] for name in ("document", "doc_position", "token_id", "token", "context_tokens", "context_activations", "context_center")}
     for i, tok in enumerate(token_index.tolist()):
         window, pos = divmod(tok, T)
@@ -137,12 +169,13 @@ def build_embeddings(
         "layer": pa.array(np.full(len(neuron), layer), pa.int16()),
         "neuron": pa.array(neuron, pa.int32()),
         "example_rank": pa.array(rank, pa.int16()),
+        "sample": pa.array(entries["sample"], pa.string()),
         "token_index": pa.array(token_index, pa.int64()),
         "document": pa.array(rows["document"], pa.int64()),
         "doc_position": pa.array(rows["doc_position"], pa.int32()),
         "token_id": pa.array(rows["token_id"], pa.int32()),
         "token": pa.array(rows["token"], pa.string()),
-        "activation": pa.array(values[neuron, rank], pa.float32()),
+        "activation": pa.array(entries["value"], pa.float32()),
         "pre_activations": fixed(pre),
         "biases": fixed(biases),
         "embedding": fixed(embedding),

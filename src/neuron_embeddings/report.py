@@ -42,6 +42,17 @@ def fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else esc(value)
 
 
+def describe_selection(sel: dict[str, Any]) -> str:
+    if sel.get("mode", "top_k") == "top_k":
+        return f"top_k: the {sel.get('top_k', 20)} strongest examples per neuron (ties broken by corpus position)"
+    text = (f"threshold: every example with activation >= {sel.get('alpha', 0.75)} x the neuron's max over the corpus, "
+            f"at most {sel.get('cap', 200)} per neuron (a uniform sample, seed {sel.get('seed', 0)})")
+    q = sel.get("quantiles") or {}
+    if q.get("bins") and q.get("per_bin"):
+        text += f"; plus {q['per_bin']} from each of {q['bins']} activation bins below that"
+    return text
+
+
 def layer_figure(metrics: pa.Table, layer: int) -> str:
     """Two histograms (clusters per neuron, mean pairwise distance) as an inline PNG."""
     import matplotlib
@@ -142,8 +153,8 @@ def write_report(
         f'd_model {esc(model.get("d_model"))}, activation {esc(model.get("activation"))})</td></tr>',
         f'<tr><th class="l">corpus</th><td class="l">{documents.num_rows} documents, {tokens} document tokens read; '
         f'windows of {esc(cache.get("window_tokens"))} tokens</td></tr>',
-        f'<tr><th class="l">selection</th><td class="l">{esc(sel.get("mode", "top_k"))}: the {esc(sel.get("top_k"))} '
-        f'strongest examples per neuron (ties broken by corpus position); compute dtype {esc(cache.get("dtype"))}</td></tr>',
+        f'<tr><th class="l">selection</th><td class="l">{esc(describe_selection(sel))}; compute dtype '
+        f'{esc(cache.get("dtype"))}, stored x {esc(cache.get("store_dtype", "float32"))}</td></tr>',
         f'<tr><th class="l">clustering</th><td class="l">{esc(settings.get("clustering", {}).get("method", "threshold_graph"))}, '
         f'cosine-similarity threshold {esc(json.dumps(settings.get("clustering", {}).get("threshold")))}</td></tr>',
         "</table>",

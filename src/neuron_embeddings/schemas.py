@@ -37,6 +37,7 @@ EMBEDDINGS = pa.schema(
         pa.field("layer", pa.int16(), nullable=False),
         pa.field("neuron", pa.int32(), nullable=False),
         pa.field("example_rank", pa.int16(), nullable=False),  # 0 = strongest example of this neuron
+        pa.field("sample", pa.string(), nullable=False),  # which selection chose it: top_k, threshold, quantile-<bin>
         pa.field("token_index", pa.int64(), nullable=False),  # global token id = window*window_tokens + pos
         pa.field("document", pa.int64(), nullable=False),
         pa.field("doc_position", pa.int32(), nullable=False),  # token position inside the document

@@ -1,11 +1,21 @@
-"""Exact, order-independent top-k per neuron, in a streaming form that never holds more than k per neuron.
+"""Exact, order-independent example selection per neuron, streamed so that memory never grows with the corpus.
 
-Entries are ranked by (activation descending, global token index ascending). Because the token index breaks
-every tie the same way, the k kept per neuron do not depend on the batch size, the shard split, or the order
-in which shards are merged: streaming over batches and merging shards give exactly the brute-force answer.
+Every selection keeps, per *slot* (a neuron, or a neuron's activation-quantile bin), the k entries with the
+highest *key*, ties broken by global token index. Because the key and the tie-break depend only on the entry,
+never on when it was seen, streaming over batches and merging shards in any order give exactly the answer of
+a brute force over the whole corpus:
+
+- top_k: key = the activation.
+- threshold (the paper's): every entry with activation >= alpha x the neuron's max is eligible; key = a hash
+  priority of (token, slot, seed), so the k kept are a uniform sample without replacement (bottom-k sampling, a
+  reservoir sample that merges exactly across shards).
+- quantiles: per neuron, a few entries from each of several activation bins below alpha x max, sampled the
+  same way, so polysemanticity below the very top stays visible.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -13,11 +23,32 @@ from .errors import PipelineError
 
 NO_TOKEN = torch.iinfo(torch.int64).max  # sentinel token index of an empty slot (ranks after every real one)
 
+# Per-neuron activation histogram: log-spaced bins of both signs from 1e-3 to 1e3, plus under- and overflow.
+HIST_EDGES = torch.cat([-torch.logspace(3, -3, 25, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                        torch.logspace(-3, 3, 25, dtype=torch.float64)]).float()
+N_HIST = HIST_EDGES.numel() + 1
+
+_PRIME = 2_147_483_647  # 2^31 - 1: products of two residues stay below 2^62, so int64 never overflows
+
+
+def priority(token: torch.Tensor, slot: torch.Tensor, seed: int) -> torch.Tensor:
+    """A deterministic pseudo-random number in [0, 1) per (token, slot): the sampling order of an entry."""
+    h = torch.full_like(token, (seed * 48271 + 11) % _PRIME)
+    for part in (token % _PRIME, token // _PRIME, slot):
+        h = (h * 16807 + part % _PRIME + 1) % _PRIME
+        h = h ^ (h >> 13)
+        h = (h * 69621) % _PRIME
+    for _ in range(2):
+        h = h ^ (h >> 11)
+        h = (h * 48271 + 12345) % _PRIME
+    return h.double() / _PRIME
+
 
 def canonical_topk(neuron: torch.Tensor, value: torch.Tensor, token: torch.Tensor, n_neurons: int, k: int) -> torch.Tensor:
-    """Positions into the flat inputs of each neuron's k best entries, as [n_neurons, k] in rank order.
+    """Positions into the flat inputs of each slot's k best entries, as [n_slots, k] in rank order.
 
-    Every neuron must have at least k entries (pad with -inf / NO_TOKEN slots).
+    Ranked by value descending, then token ascending. Every slot must have at least k entries (pad with
+    -inf / NO_TOKEN).
     """
     order = torch.argsort(token, stable=True)
     order = order[torch.argsort(-value[order], stable=True)]
@@ -30,146 +61,261 @@ def canonical_topk(neuron: torch.Tensor, value: torch.Tensor, token: torch.Tenso
     return order[rank < k].view(n_neurons, k)
 
 
-class TopKAccumulator:
-    """One layer's running state over a shard: top-k examples per neuron plus activation statistics.
+@dataclass
+class Batch:
+    """One forward pass's activations, with the rows (tokens) that may be examples picked out."""
 
-    Per kept example it holds the activation, the pre-activation of each input projection, the neuron's
-    activations over a context window around the token, and a pointer into a store of MLP inputs x. The store
-    keeps one row per distinct token (several neurons often share one) and is compacted as entries drop out,
-    so memory is bounded by n_neurons * k rows however long the corpus is.
-    """
+    act: torch.Tensor  # [B, T, N]
+    pre: list[torch.Tensor]  # per projection [B, T, N]
+    x: torch.Tensor  # [B, T, d]
+    valid: torch.Tensor  # [B, T]
+    rows: torch.Tensor  # [R] indices into B*T of valid tokens
+    act_flat: torch.Tensor  # [R, N]
+    tok_flat: torch.Tensor  # [R]
 
-    def __init__(self, n_neurons: int, d_model: int, n_proj: int, k: int, context_before: int, context_after: int):
-        self.n_neurons, self.d_model, self.n_proj, self.k = n_neurons, d_model, n_proj, k
-        self.offsets = torch.arange(-context_before, context_after + 1)
-        self.values = torch.full((n_neurons, k), float("-inf"))
-        self.tokens = torch.full((n_neurons, k), NO_TOKEN, dtype=torch.int64)
-        self.pre = torch.zeros((n_neurons, k, n_proj))
-        self.context = torch.full((n_neurons, k, self.offsets.numel()), float("nan"))
-        self.xrow = torch.full((n_neurons, k), -1, dtype=torch.int64)
-        self.x_store = torch.zeros((0, d_model))
-        self.stat_max = torch.full((n_neurons,), float("-inf"))
-        self.stat_sum = torch.zeros(n_neurons, dtype=torch.float64)
-        self.stat_positive = torch.zeros(n_neurons, dtype=torch.int64)
+
+def make_batch(act, pre, x, valid, token_index, where: str = "") -> Batch | None:
+    B, T, N = act.shape
+    act = act.float().cpu()
+    rows = valid.reshape(-1).nonzero(as_tuple=True)[0]
+    if rows.numel() == 0:
+        return None
+    act_flat = act.reshape(B * T, N)[rows]
+    if not torch.isfinite(act_flat).all():
+        raise PipelineError(f"{where}: NaN or inf activations (overflow in the model or its dtype?)")
+    return Batch(act, pre, x, valid, rows, act_flat, token_index.reshape(-1)[rows])
+
+
+class Stats:
+    """Per-neuron max, sum, count of positive activations, histogram; and the number of tokens seen."""
+
+    def __init__(self, n_neurons: int):
+        self.max = torch.full((n_neurons,), float("-inf"))
+        self.sum = torch.zeros(n_neurons, dtype=torch.float64)
+        self.positive = torch.zeros(n_neurons, dtype=torch.int64)
+        self.hist = torch.zeros((n_neurons, N_HIST), dtype=torch.int64)
         self.n_tokens = 0
 
-    def update(
-        self,
-        act: torch.Tensor,  # [B, T, N] neuron activations
-        pre: list[torch.Tensor],  # per projection [B, T, N]
-        x: torch.Tensor,  # [B, T, d] MLP inputs
-        valid: torch.Tensor,  # [B, T] bool: real tokens that may be examples (no padding, no BOS)
-        token_index: torch.Tensor,  # [B, T] int64 global token index
-        where: str = "",
-    ) -> None:
-        B, T, N = act.shape
-        act = act.float().cpu()
-        rows = valid.reshape(-1).nonzero(as_tuple=True)[0]
-        if rows.numel() == 0:
-            return
-        act_flat = act.reshape(B * T, N)[rows]
-        if not torch.isfinite(act_flat).all():
-            raise PipelineError(f"{where}: NaN or inf activations (overflow in the model or its dtype?)")
-        self.stat_max = torch.maximum(self.stat_max, act_flat.max(0).values)
-        self.stat_sum += act_flat.sum(0, dtype=torch.float64)
-        self.stat_positive += (act_flat > 0).sum(0)
-        self.n_tokens += rows.numel()
+    def update(self, batch: Batch) -> None:
+        a = batch.act_flat
+        n = a.shape[1]
+        self.max = torch.maximum(self.max, a.max(0).values)
+        self.sum += a.sum(0, dtype=torch.float64)
+        self.positive += (a > 0).sum(0)
+        bins = torch.bucketize(a, HIST_EDGES)
+        flat = (torch.arange(n) * N_HIST)[None, :] + bins
+        self.hist += torch.bincount(flat.reshape(-1), minlength=n * N_HIST).view(n, N_HIST)
+        self.n_tokens += a.shape[0]
 
-        batch_kth = torch.topk(act_flat, min(self.k, rows.numel()), dim=0).values[-1]
-        threshold = torch.maximum(batch_kth, self.values[:, -1])
-        cand_row, cand_neuron = (act_flat >= threshold).nonzero(as_tuple=True)
+    def state(self) -> dict[str, torch.Tensor]:
+        return {
+            "stat_max": self.max, "stat_sum": self.sum, "stat_positive": self.positive, "stat_hist": self.hist,
+            "n_tokens": torch.tensor([self.n_tokens], dtype=torch.int64),
+        }
+
+
+def merge_stats(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {
+        "stat_max": torch.stack([s["stat_max"] for s in states]).max(0).values,
+        "stat_sum": torch.stack([s["stat_sum"] for s in states]).sum(0),
+        "stat_positive": torch.stack([s["stat_positive"] for s in states]).sum(0),
+        "stat_hist": torch.stack([s["stat_hist"] for s in states]).sum(0),
+        "n_tokens": torch.tensor([sum(int(s["n_tokens"][0]) for s in states)], dtype=torch.int64),
+    }
+
+
+class ExampleSet:
+    """k entries per slot, ranked by key, with what the later stages need of each entry.
+
+    Per entry: key, activation, pre-activation per projection, the neuron's activations over a context window
+    around the token, and a pointer into a store of MLP inputs x. The store keeps one row per distinct token
+    and is compacted as entries drop out, so it holds at most about 2 x n_slots x k rows.
+    """
+
+    def __init__(self, n_slots: int, slots_per_neuron: int, d_model: int, n_proj: int, k: int, offsets: torch.Tensor):
+        self.n_slots, self.per_neuron, self.k, self.offsets = n_slots, slots_per_neuron, k, offsets
+        self.keys = torch.full((n_slots, k), float("-inf"), dtype=torch.float64)
+        self.values = torch.full((n_slots, k), float("-inf"))
+        self.tokens = torch.full((n_slots, k), NO_TOKEN, dtype=torch.int64)
+        self.pre = torch.zeros((n_slots, k, n_proj))
+        self.context = torch.full((n_slots, k, offsets.numel()), float("nan"))
+        self.xrow = torch.full((n_slots, k), -1, dtype=torch.int64)
+        self.x_store = torch.zeros((0, d_model))
+
+    def kth_key(self) -> torch.Tensor:
+        return self.keys[:, -1]
+
+    def offer(self, batch: Batch, cand_row: torch.Tensor, cand_slot: torch.Tensor, cand_key: torch.Tensor) -> None:
+        """Merge candidate entries (rows into batch.act_flat, their slots and keys) into the kept set."""
         if cand_row.numel() == 0:
             return
-        tok_flat = token_index.reshape(-1)[rows]
-        n_old = self.n_neurons * self.k
-        neuron = torch.cat([torch.arange(N).repeat_interleave(self.k), cand_neuron])
-        value = torch.cat([self.values.reshape(-1), act_flat[cand_row, cand_neuron]])
-        token = torch.cat([self.tokens.reshape(-1), tok_flat[cand_row]])
-        keep = canonical_topk(neuron, value, token, N, self.k)
+        S, k = self.n_slots, self.k
+        B, T, N = batch.act.shape
+        n_old = S * k
+        slot = torch.cat([torch.arange(S).repeat_interleave(k), cand_slot])
+        key = torch.cat([self.keys.reshape(-1), cand_key.double()])
+        token = torch.cat([self.tokens.reshape(-1), batch.tok_flat[cand_row]])
+        keep = canonical_topk(slot, key, token, S, k)
         is_new = keep >= n_old
         pick = keep[is_new] - n_old
-        sel_row, sel_neuron = rows[cand_row[pick]], cand_neuron[pick]  # rows into the [B*T] batch
+        sel_flat = cand_row[pick]  # rows into act_flat
+        sel_row = batch.rows[sel_flat]  # rows into the [B*T] batch
+        sel_neuron = cand_slot[pick] // self.per_neuron
 
-        new_pre = self.pre.reshape(-1, self.n_proj).clone()
-        new_ctx = self.context.reshape(-1, self.offsets.numel()).clone()
-        new_xrow = self.xrow.reshape(-1).clone()
-        old_pick = keep.clone()
-        old_pick[is_new] = 0
-        new_pre, new_ctx, new_xrow = new_pre[old_pick], new_ctx[old_pick], new_xrow[old_pick]
+        old = keep.clone()
+        old[is_new] = 0
+        values = self.values.reshape(-1)[old]
+        pre = self.pre.reshape(n_old, -1)[old]
+        ctx = self.context.reshape(n_old, -1)[old]
+        xrow = self.xrow.reshape(-1)[old]
 
-        pre_cols = [p.float().cpu().reshape(B * T, N)[sel_row, sel_neuron] for p in pre]
-        new_pre[is_new] = torch.stack(pre_cols, dim=-1)
+        values[is_new] = batch.act_flat[sel_flat, sel_neuron]
+        pre[is_new] = torch.stack([p.float().cpu().reshape(B * T, N)[sel_row, sel_neuron] for p in batch.pre], dim=-1)
         b, p = sel_row // T, sel_row % T
         pos = p[:, None] + self.offsets[None, :]
         inside = (pos >= 0) & (pos < T)
         pos_c = pos.clamp(0, T - 1)
-        ctx = act[b[:, None], pos_c, sel_neuron[:, None]]
-        ok = inside & valid[b[:, None], pos_c]
-        new_ctx[is_new] = torch.where(ok, ctx, torch.full_like(ctx, float("nan")))
+        around = batch.act[b[:, None], pos_c, sel_neuron[:, None]]
+        ok = inside & batch.valid[b[:, None], pos_c]
+        ctx[is_new] = torch.where(ok, around, torch.full_like(around, float("nan")))
         unique_rows, inverse = torch.unique(sel_row, return_inverse=True)
-        new_xrow[is_new] = self.x_store.shape[0] + inverse
-        self.x_store = torch.cat([self.x_store, x.reshape(B * T, -1)[unique_rows].float().cpu()])
+        xrow[is_new] = self.x_store.shape[0] + inverse
+        self.x_store = torch.cat([self.x_store, batch.x.reshape(B * T, -1)[unique_rows].float().cpu()])
 
-        self.values = value[keep]
+        self.keys = key[keep]
         self.tokens = token[keep]
-        self.pre = new_pre.view(N, self.k, self.n_proj)
-        self.context = new_ctx.view(N, self.k, -1)
-        self.xrow = new_xrow.view(N, self.k)
+        self.values = values.view(S, k)
+        self.pre = pre.view(S, k, -1)
+        self.context = ctx.view(S, k, -1)
+        self.xrow = xrow.view(S, k)
         if self.x_store.shape[0] > 2 * n_old:
             self.compact()
 
     def compact(self) -> None:
-        """Drop store rows no kept example points to."""
+        """Drop store rows no kept entry points to."""
         live = self.xrow >= 0
         used, inverse = torch.unique(self.xrow[live], return_inverse=True)
         self.x_store = self.x_store[used]
         self.xrow = self.xrow.clone()  # may be an inference-mode tensor, which cannot be updated in place
         self.xrow[live] = inverse
 
-    def state(self) -> dict[str, torch.Tensor]:
+    def state(self, prefix: str = "") -> dict[str, torch.Tensor]:
         self.compact()
         return {
-            "values": self.values,
-            "tokens": self.tokens,
-            "pre": self.pre,
-            "context": self.context,
-            "xrow": self.xrow,
-            "x": self.x_store,
-            "stat_max": self.stat_max,
-            "stat_sum": self.stat_sum,
-            "stat_positive": self.stat_positive,
-            "n_tokens": torch.tensor([self.n_tokens], dtype=torch.int64),
+            f"{prefix}keys": self.keys, f"{prefix}values": self.values, f"{prefix}tokens": self.tokens,
+            f"{prefix}pre": self.pre, f"{prefix}context": self.context, f"{prefix}xrow": self.xrow,
+            f"{prefix}x": self.x_store,
         }
 
 
-def merge_states(states: list[dict[str, torch.Tensor]], k: int) -> dict[str, torch.Tensor]:
-    """Merge per-shard states into one: the same canonical top-k, statistics summed, x stores joined."""
-    n_neurons = states[0]["values"].shape[0]
-    values = torch.cat([s["values"] for s in states], dim=1)
-    tokens = torch.cat([s["tokens"] for s in states], dim=1)
-    width = values.shape[1]
-    neuron = torch.arange(n_neurons).repeat_interleave(width)
-    keep = canonical_topk(neuron, values.reshape(-1), tokens.reshape(-1), n_neurons, k)
-    offsets, stores, xrows = 0, [], []
+def merge_sets(states: list[dict[str, torch.Tensor]], k: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Merge one example set across shards: the same canonical ranking, x stores joined and compacted."""
+    get = lambda s, name: s[f"{prefix}{name}"]  # noqa: E731
+    keys = torch.cat([get(s, "keys") for s in states], dim=1)
+    n_slots, width = keys.shape
+    if width < k:
+        raise PipelineError(f"selection asks {k} examples per neuron, but the caches hold only {width}")
+    slot = torch.arange(n_slots).repeat_interleave(width)
+    tokens = torch.cat([get(s, "tokens") for s in states], dim=1)
+    keep = canonical_topk(slot, keys.reshape(-1), tokens.reshape(-1), n_slots, k)
+    offset, xrows = 0, []
     for s in states:
-        xrows.append(torch.where(s["xrow"] >= 0, s["xrow"] + offsets, s["xrow"]))
-        stores.append(s["x"])
-        offsets += s["x"].shape[0]
+        xrows.append(torch.where(get(s, "xrow") >= 0, get(s, "xrow") + offset, get(s, "xrow")))
+        offset += get(s, "x").shape[0]
 
-    def take(name_or_tensor: torch.Tensor) -> torch.Tensor:
-        flat = name_or_tensor.reshape(n_neurons * width, *name_or_tensor.shape[2:])
-        return flat[keep]
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(n_slots * width, *t.shape[2:])[keep]
 
-    merged = TopKAccumulator.__new__(TopKAccumulator)
-    merged.n_neurons, merged.k = n_neurons, k
-    merged.values = take(values)
+    merged = ExampleSet.__new__(ExampleSet)
+    merged.keys = take(keys)
     merged.tokens = take(tokens)
-    merged.pre = take(torch.cat([s["pre"] for s in states], dim=1))
-    merged.context = take(torch.cat([s["context"] for s in states], dim=1))
+    merged.values = take(torch.cat([get(s, "values") for s in states], dim=1))
+    merged.pre = take(torch.cat([get(s, "pre") for s in states], dim=1))
+    merged.context = take(torch.cat([get(s, "context") for s in states], dim=1))
     merged.xrow = take(torch.cat(xrows, dim=1))
-    merged.x_store = torch.cat(stores) if stores else torch.zeros((0, 0))
-    merged.stat_max = torch.stack([s["stat_max"] for s in states]).max(0).values
-    merged.stat_sum = torch.stack([s["stat_sum"] for s in states]).sum(0)
-    merged.stat_positive = torch.stack([s["stat_positive"] for s in states]).sum(0)
-    merged.n_tokens = int(sum(int(s["n_tokens"][0]) for s in states))
-    return merged.state()
+    merged.x_store = torch.cat([get(s, "x") for s in states])
+    return merged.state(prefix)
+
+
+class TopKAccumulator:
+    """top_k mode: each neuron's k strongest examples, plus statistics, in one pass."""
+
+    def __init__(self, n_neurons: int, d_model: int, n_proj: int, k: int, context_before: int, context_after: int):
+        self.k = k
+        self.stats = Stats(n_neurons)
+        self.examples = ExampleSet(n_neurons, 1, d_model, n_proj, k, torch.arange(-context_before, context_after + 1))
+
+    def update(self, act, pre, x, valid, token_index, where: str = "") -> None:
+        batch = make_batch(act, pre, x, valid, token_index, where)
+        if batch is None:
+            return
+        self.stats.update(batch)
+        a = batch.act_flat
+        # Only entries at or above both the batch's k-th value and the kept k-th value can enter the top k.
+        batch_kth = torch.topk(a, min(self.k, a.shape[0]), dim=0).values[-1]
+        threshold = torch.maximum(batch_kth, self.examples.kth_key().float())
+        cand_row, cand_neuron = (a >= threshold).nonzero(as_tuple=True)
+        self.examples.offer(batch, cand_row, cand_neuron, a[cand_row, cand_neuron])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**self.examples.state(), **self.stats.state()}
+
+
+def eligibility_floor(max_activation: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha x max for a positive max; for a neuron whose max is negative, max - (1 - alpha) x |max|."""
+    return max_activation - (1.0 - alpha) * max_activation.abs()
+
+
+class ThresholdAccumulator:
+    """threshold mode (pass 2): a capped uniform sample of each neuron's entries >= alpha x max, and optionally
+    per_bin samples from each of `bins` equal bins of activation in [0, alpha x max)."""
+
+    def __init__(
+        self, max_activation: torch.Tensor, d_model: int, n_proj: int, alpha: float, cap: int,
+        context_before: int, context_after: int, seed: int = 0, bins: int = 0, per_bin: int = 0,
+    ):
+        n = max_activation.numel()
+        offsets = torch.arange(-context_before, context_after + 1)
+        self.alpha, self.seed, self.bins = alpha, seed, bins
+        self.max = max_activation.float()
+        self.floor = eligibility_floor(self.max, alpha)
+        self.stats = Stats(n)
+        self.examples = ExampleSet(n, 1, d_model, n_proj, cap, offsets)
+        self.quantiles = ExampleSet(n * bins, bins, d_model, n_proj, per_bin, offsets) if bins and per_bin else None
+
+    def update(self, act, pre, x, valid, token_index, where: str = "") -> None:
+        batch = make_batch(act, pre, x, valid, token_index, where)
+        if batch is None:
+            return
+        self.stats.update(batch)
+        a = batch.act_flat
+        row, neuron = (a >= self.floor[None, :]).nonzero(as_tuple=True)
+        self._offer_sampled(self.examples, batch, row, neuron)
+        if self.quantiles is not None:
+            top = self.floor.clamp(min=0)
+            frac = a / torch.where(top > 0, top, torch.ones_like(top))[None, :]
+            inside = (a >= 0) & (a < top[None, :])
+            row, neuron = inside.nonzero(as_tuple=True)
+            which = (frac[row, neuron] * self.bins).long().clamp(0, self.bins - 1)
+            self._offer_sampled(self.quantiles, batch, row, neuron * self.bins + which)
+
+    def _offer_sampled(self, target: ExampleSet, batch: Batch, row: torch.Tensor, slot: torch.Tensor) -> None:
+        if row.numel() == 0:
+            return
+        key = -priority(batch.tok_flat[row], slot, self.seed)  # highest key = lowest priority number
+        worth = key >= target.kth_key()[slot]
+        target.offer(batch, row[worth], slot[worth], key[worth])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        state = {**self.examples.state(), **self.stats.state()}
+        if self.quantiles is not None:
+            state.update(self.quantiles.state("quantile."))
+        return state
+
+
+def merge_states(states: list[dict[str, torch.Tensor]], k: int, quantile_k: int | None = None) -> dict[str, torch.Tensor]:
+    """Merge per-shard states of one layer: example sets by the canonical ranking, statistics summed."""
+    merged = {**merge_sets(states, k), **merge_stats(states)}
+    if quantile_k and all("quantile.keys" in s for s in states):
+        merged.update(merge_sets(states, quantile_k, "quantile."))
+    return merged

@@ -1,17 +1,63 @@
+rule activation_stats:
+    # Pass 1 of the threshold selection: each neuron's max (and mean, positive share, histogram) per shard.
+    input:
+        model=rules.prepare_model.output[0],
+        shard=f"{RUN}/corpus/shard-{{shard}}.parquet",
+    output:
+        expand(f"{RUN}/stats/shard-{{{{shard}}}}/layer-{{layer}}.safetensors", layer=LAYERS),
+    params:
+        layers=LAYERS,
+        window_tokens=config["corpus"]["window_tokens"],
+        compute=compute_params(),
+        trust_remote_code=config["model"].get("trust_remote_code", False),
+        code=code_version("activations", "topk", "adapters", "models", "storage"),
+    threads: config["activations"].get("threads", 2)
+    resources:
+        gpu=config["activations"].get("gpus", 1),
+    log:
+        f"{RUN}/logs/activation_stats/shard-{{shard}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/activation_stats/shard-{{shard}}.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/activation_stats.py"
+
+
+rule merge_stats:
+    input:
+        lambda wildcards: expand(
+            f"{RUN}/stats/shard-{{shard}}/layer-{wildcards.layer}.safetensors", shard=SHARDS
+        ),
+    output:
+        f"{RUN}/stats/layer-{{layer}}.safetensors",
+    params:
+        code=code_version("selection", "topk", "storage"),
+    log:
+        f"{RUN}/logs/merge_stats/layer-{{layer}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/merge_stats/layer-{{layer}}.tsv"
+    conda:
+        ENV
+    script:
+        "../scripts/merge_stats.py"
+
+
 rule cache_activations:
     # The GPU stage: one job per corpus shard, so a cluster caches many shards at once. Runs on the CPU too.
     input:
         model=rules.prepare_model.output[0],
         shard=f"{RUN}/corpus/shard-{{shard}}.parquet",
+        stats=merged_stats_inputs(),
     output:
         expand(f"{RUN}/activations/shard-{{{{shard}}}}/layer-{{layer}}.safetensors", layer=LAYERS),
     params:
         layers=LAYERS,
         window_tokens=config["corpus"]["window_tokens"],
-        selection={k: v for k, v in config["selection"].items() if k != "mode"},
-        activations={k: v for k, v in config["activations"].items() if k not in ("threads", "gpus")},
+        selection=cache_selection_params(),
+        compute=compute_params(),
         trust_remote_code=config["model"].get("trust_remote_code", False),
-        code=code_version("activations", "topk", "adapters", "models"),
+        code=code_version("activations", "topk", "adapters", "models", "storage"),
     threads: config["activations"].get("threads", 2)
     resources:
         gpu=config["activations"].get("gpus", 1),

@@ -6,7 +6,7 @@ rule cluster_features:
     params:
         method=config["clustering"].get("method", "threshold_graph"),
         threshold=lambda wildcards: threshold_for(int(wildcards.layer), config["clustering"]["threshold"]),
-        code=code_version("clustering", "embeddings"),
+        code=code_version("clustering", "embeddings", "schemas"),
     log:
         f"{RUN}/logs/cluster_features/layer-{{layer}}.log",
     benchmark:

@@ -7,7 +7,7 @@ rule tokenize_corpus:
     params:
         corpus=config["corpus"],
         shard_names=SHARDS,
-        code=code_version("corpus"),
+        code=code_version("corpus", "schemas", "storage"),
     log:
         f"{RUN}/logs/tokenize_corpus.log",
     benchmark:

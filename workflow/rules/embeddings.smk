@@ -7,7 +7,7 @@ rule embed_neurons:
         f"{RUN}/embeddings/layer-{{layer}}.parquet",
     params:
         trust_remote_code=config["model"].get("trust_remote_code", False),
-        code=code_version("embeddings", "adapters", "models"),
+        code=code_version("embeddings", "adapters", "models", "schemas", "storage"),
     log:
         f"{RUN}/logs/embed_neurons/layer-{{layer}}.log",
     benchmark:

@@ -6,7 +6,7 @@ rule neuron_metrics:
     output:
         f"{RUN}/metrics/layer-{{layer}}.parquet",
     params:
-        code=code_version("metrics", "clustering", "embeddings"),
+        code=code_version("metrics", "clustering", "embeddings", "schemas"),
     log:
         f"{RUN}/logs/neuron_metrics/layer-{{layer}}.log",
     benchmark:

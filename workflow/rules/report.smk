@@ -16,7 +16,7 @@ rule report:
         run=config["run"],
         settings={k: config[k] for k in ("model", "selection", "clustering", "report")},
         corpus={k: v for k, v in config["corpus"].items()},
-        code=code_version("report", "metrics"),
+        code=code_version("report", "metrics", "schemas"),
     log:
         f"{RUN}/logs/report.log",
     benchmark:

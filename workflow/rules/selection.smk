@@ -5,8 +5,9 @@ rule select_examples:
     output:
         f"{RUN}/selection/layer-{{layer}}.safetensors",
     params:
-        selection={k: config["selection"][k] for k in ("mode", "top_k") if k in config["selection"]},
-        code=code_version("selection", "topk"),
+        selection=cache_selection_params(),
+        k=selection_k(),
+        code=code_version("selection", "topk", "storage"),
     log:
         f"{RUN}/logs/select_examples/layer-{{layer}}.log",
     benchmark:

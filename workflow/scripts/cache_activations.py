@@ -1,17 +1,15 @@
 from neuron_embeddings.activations import CacheSettings, cache_shard
 from neuron_embeddings.runner import run_stage
 
-sel, act = snakemake.params.selection, snakemake.params.activations
+sel, compute = snakemake.params.selection, snakemake.params.compute
 settings = CacheSettings(
-    top_k=sel["top_k"],
-    context_before=sel.get("context_before", 20),
-    context_after=sel.get("context_after", 10),
+    top_k=sel.get("top_k", 0),
     window_tokens=snakemake.params.window_tokens,
-    batch_size=act.get("batch_size", 16),
-    device=act.get("device", "auto"),
-    dtype=act.get("dtype", "float32"),
+    **{k: v for k, v in sel.items() if k != "top_k"},
+    **compute,
 )
 layers = list(snakemake.params.layers)
+stats = dict(zip(layers, snakemake.input.stats)) if snakemake.input.stats else None
 run_stage(
     f"cache_activations shard {snakemake.wildcards.shard}",
     lambda: cache_shard(
@@ -22,6 +20,7 @@ run_stage(
         settings,
         shard=snakemake.wildcards.shard,
         trust_remote_code=snakemake.params.trust_remote_code,
+        stats_paths=stats,
     ),
     snakemake.log[0],
     threads=snakemake.threads,

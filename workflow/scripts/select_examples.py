@@ -2,8 +2,16 @@ from neuron_embeddings.runner import run_stage
 from neuron_embeddings.selection import merge_layer
 
 layer = int(snakemake.wildcards.layer)
+selection = snakemake.params.selection
 run_stage(
     f"select_examples layer {layer}",
-    lambda: merge_layer(list(snakemake.input), snakemake.output[0], snakemake.params.selection["top_k"], layer),
+    lambda: merge_layer(
+        list(snakemake.input),
+        snakemake.output[0],
+        snakemake.params.k,
+        layer,
+        mode=selection["mode"],
+        quantile_per_bin=selection.get("quantile_per_bin", 0),
+    ),
     snakemake.log[0],
 )
