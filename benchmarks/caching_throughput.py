@@ -1,79 +1,196 @@
-"""Caching throughput against a bare forward pass of the same model, measured side by side in one process.
+"""Caching throughput and memory, measured side by side in one run.
 
-    python benchmarks/caching_throughput.py [--model results/smollm2-demo/model] [--layers 2 10 18 27]
+    python benchmarks/caching_throughput.py --shape gpt2-small --dtype float32 [--transformer-lens] [--memory]
 
-Prints tokens/second (median of --repeats) for: the whole model `model(ids)` (logits included), the bare body
-up to the deepest requested layer, and the caching path (hooks + running top-k for every requested layer);
-then the ratios. Run `make demo` first, or pass any folder written by the prepare_model stage.
+Models are built from a config with random weights (nothing is downloaded): gpt2-small (12 x 3072 neurons,
+d_model 768), smollm2-135m (30 x 1536, gated), llama-1b (16 x 8192, gated, for a GPU), or --model with a
+folder written by the prepare_model stage. It prints tokens/second (medians over interleaved repeats) of:
+- the bare transformer body (no LM head, no hooks) at the chosen precision,
+- the caching path the pipeline runs (hooks + exact running top-k + statistics for every cached layer),
+- with --transformer-lens, TransformerLens 3.x run_with_cache + a running top-k on GPT-2-small (the paper's
+  toolchain; its own environment from benchmarks/setup-transformer-lens.sh), always fp32 on the CPU;
+and the ratios, the storage of the cached MLP inputs, and with --memory the peak RSS of a caching process over
+1x and 10x the tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from neuron_embeddings.adapters import MLPCapture, adapter_for, run_capture
-from neuron_embeddings.models import load_prepared
+from neuron_embeddings.models import DTYPES, describe, load_prepared, ModelSource
 from neuron_embeddings.topk import TopKAccumulator
 
+HERE = Path(__file__).resolve().parent
 
-def timed(fn, batches, repeats) -> float:
-    fn(batches[0])  # warm-up
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for ids in batches:
-            fn(ids)
-        rates.append(sum(ids.numel() for ids in batches) / (time.perf_counter() - start))
-    return statistics.median(rates)
+
+def build(shape: str):
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    torch.manual_seed(0)
+    configs = {
+        "gpt2-small": lambda: GPT2Config(),
+        "smollm2-135m": lambda: LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                            num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),
+        "llama-1b": lambda: LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    }
+    model = AutoModelForCausalLM.from_config(configs[shape]()).eval()
+    return model, describe(model, ModelSource(source=f"random-init {shape}"))
+
+
+def load(args):
+    if args.model:
+        model, _, info = load_prepared(args.model)
+        return model, info
+    return build(args.shape)
+
+
+def make_batches(vocab: int, args, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (args.batch_size, args.window), generator=g) for _ in range(args.batches)]
+
+
+def caching_step(model, info, layers, args):
+    adapter = adapter_for(model)
+    body = adapter.body(model)
+    accs = {layer: TopKAccumulator(info.n_neurons, info.d_model, info.n_projections, args.top_k, 20, 10) for layer in layers}
+    capture = MLPCapture(model, adapter, layers, stop_after_last=True)
+    capture.remove()  # re-registered around each timed run so the bare body runs without hooks
+    counter = iter(range(10**12))
+    valid = torch.ones(args.batch_size, args.window, dtype=torch.bool)
+    valid[:, 0] = False
+    positions = torch.arange(args.window)
+
+    def step(ids):
+        cap = MLPCapture(model, adapter, layers, stop_after_last=True)
+        try:
+            run_capture(body, ids)
+            base = next(counter) * ids.shape[0]
+            token_index = (base + torch.arange(ids.shape[0]))[:, None] * args.window + positions[None, :]
+            for layer, acc in accs.items():
+                slot = cap.captured[layer]
+                acc.update(slot["act"], slot["pre"], slot["x"], valid, token_index)
+        finally:
+            cap.remove()
+
+    return step, accs
+
+
+def rate(fn, batches) -> float:
+    if batches[0].device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for ids in batches:
+        fn(ids)
+    if batches[0].device.type == "cuda":
+        torch.cuda.synchronize()
+    return sum(ids.numel() for ids in batches) / (time.perf_counter() - start)
+
+
+def memory_child(args) -> None:
+    """Stream --tokens tokens through the caching path; print the peak RSS (KiB)."""
+    model, info = load(args)
+    model.to(DTYPES[args.dtype])
+    layers = list(range(info.n_layers))
+    step, accs = caching_step(model, info, layers, args)
+    g = torch.Generator().manual_seed(1)
+    n_batches = max(1, args.tokens // (args.batch_size * args.window))
+    with torch.inference_mode():
+        for _ in range(n_batches):
+            step(torch.randint(0, model.config.vocab_size, (args.batch_size, args.window), generator=g))
+    print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "batches": n_batches}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="results/smollm2-demo/model")
-    parser.add_argument("--layers", type=int, nargs="+", default=[2, 10, 18, 27])
+    parser.add_argument("--shape", default="gpt2-small", choices=["gpt2-small", "smollm2-135m", "llama-1b"])
+    parser.add_argument("--model", help="a prepared model folder instead of a random-init shape")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--warmup-batches", type=int, default=12,
+                        help="batches fed to the running top-k before timing: a real run spends nearly all its "
+                             "tokens in this steady state, where few tokens still enter a neuron's top k")
+    parser.add_argument("--transformer-lens", action="store_true", help="also time the TransformerLens baseline")
+    parser.add_argument("--memory", action="store_true", help="peak RSS over 1x and 10x --tokens")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(args)
 
-    model, _, info = load_prepared(args.model)
-    adapter = adapter_for(model)
-    body = adapter.body(model)
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    batches = [torch.randint(0, vocab, (args.batch_size, args.window), generator=generator) for _ in range(args.batches)]
-    valid = torch.ones(args.batch_size, args.window, dtype=torch.bool)
-    positions = torch.arange(args.window)
-
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    model, info = load(args)
+    model.to(device=device, dtype=DTYPES[args.dtype])
+    layers = list(range(info.n_layers)) if args.layers == "all" else [int(v) for v in args.layers.split(",")]
+    body = adapter_for(model).body(model)
+    batches = [b.to(device) for b in make_batches(model.config.vocab_size, args)]
+    step, accs = caching_step(model, info, layers, args)
+    bare_rates, cache_rates = [], []
     with torch.inference_mode():
-        full = timed(lambda ids: model(input_ids=ids), batches, args.repeats)
-        with MLPCapture(model, adapter, [max(args.layers)], stop_after_last=True):
-            truncated = timed(lambda ids: run_capture(body, ids), batches, args.repeats)
-        accs = {layer: TopKAccumulator(info.n_neurons, info.d_model, info.n_projections, args.top_k, 20, 10) for layer in args.layers}
-        counter = iter(range(10**9))
-        with MLPCapture(model, adapter, args.layers, stop_after_last=True) as capture:
-            def cache(ids):
-                run_capture(body, ids)
-                base = next(counter) * args.batch_size
-                token_index = (base + torch.arange(ids.shape[0]))[:, None] * args.window + positions[None, :]
-                for layer, acc in accs.items():
-                    slot = capture.captured[layer]
-                    acc.update(slot["act"], slot["pre"], slot["x"], valid, token_index)
-            caching = timed(cache, batches, args.repeats)
-
-    print(f"model {info.architecture} ({info.n_layers} layers), layers {args.layers}, batch {args.batch_size}x{args.window}, "
-          f"{torch.get_num_threads()} threads, fp32")
-    print(f"whole model forward (logits)      {full:10.0f} tokens/s")
-    print(f"body up to layer {max(args.layers):<3d} (bare)       {truncated:10.0f} tokens/s")
-    print(f"caching ({len(args.layers)} layers, top-{args.top_k})      {caching:10.0f} tokens/s")
-    print(f"caching / bare body to same layer {caching / truncated:10.2f}")
-    print(f"caching / whole model forward     {caching / full:10.2f}")
+        rate(lambda ids: body(input_ids=ids, use_cache=False), batches[:1])
+        warm = make_batches(model.config.vocab_size, argparse.Namespace(**{**vars(args), "batches": args.warmup_batches}), seed=1)
+        rate(step, [b.to(device) for b in warm])
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.repeats):  # interleaved, so a busy machine slows both alike
+            bare_rates.append(rate(lambda ids: body(input_ids=ids, use_cache=False), batches))
+            cache_rates.append(rate(step, batches))
+    bare, cached = statistics.median(bare_rates), statistics.median(cache_rates)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"model: {info.architecture} {args.model or args.shape} ({info.n_layers} layers x {info.n_neurons} neurons, "
+          f"d_model {info.d_model}); caching {len(layers)} layers, top-{args.top_k}; {args.dtype} on {where}; "
+          f"batches of {args.batch_size} x {args.window} tokens")
+    print(f"bare body forward                 {bare:10.0f} tokens/s")
+    print(f"caching path                      {cached:10.0f} tokens/s")
+    print(f"caching / bare body (same dtype)  {cached / bare:10.2f}   (target >= 0.90)")
+    if device.type == "cuda":
+        print(f"peak GPU memory                   {torch.cuda.max_memory_allocated(device) / 2**30:10.2f} GiB")
+    if args.transformer_lens:
+        python = HERE / ".venv-tl" / "bin" / "python"
+        if not python.exists():
+            print("TransformerLens baseline: run benchmarks/setup-transformer-lens.sh first")
+        else:
+            out = subprocess.run([str(python), str(HERE / "tl_baseline.py"), "--batch-size", str(args.batch_size),
+                                  "--window", str(args.window), "--batches", str(args.batches),
+                                  "--repeats", str(args.repeats), "--top-k", str(args.top_k),
+                                  "--threads", str(torch.get_num_threads())],
+                                 capture_output=True, text=True, check=True)
+            tl = json.loads(out.stdout.strip().splitlines()[-1])["transformer_lens_tokens_per_s"]
+            print(f"TransformerLens 3.x run_with_cache + top-k (GPT-2-small, fp32, CPU) {tl:10.0f} tokens/s")
+            print(f"caching path / TransformerLens    {cached / tl:10.2f}   (target >= 4)")
+    n_tokens = sum(b.numel() for b in batches) * args.repeats + args.warmup_batches * args.batch_size * args.window
+    rows = sum(acc.examples.state()["x"].shape[0] for acc in accs.values()) / len(accs)
+    kept = info.n_neurons * args.top_k
+    print(f"x store per layer: {rows:.0f} distinct tokens for {kept} kept examples after {n_tokens} tokens "
+          f"= {rows * info.d_model * 4 / 2**20:.1f} MiB fp32, {rows * info.d_model * 2 / 2**20:.1f} MiB fp16 "
+          f"(vs {kept * info.d_model * 4 / 2**20:.1f} MiB with one fp32 vector per example)")
+    if args.memory:
+        peaks = []
+        for scale in (1, 10):
+            cmd = [sys.executable, __file__, "--memory-child", "--shape", args.shape, "--dtype", args.dtype,
+                   "--batch-size", str(args.batch_size), "--window", str(args.window), "--top-k", str(args.top_k),
+                   "--tokens", str(args.tokens * scale)] + (["--model", args.model] if args.model else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            peaks.append(json.loads(out.stdout.strip().splitlines()[-1])["maxrss_kib"])
+        print(f"peak RSS caching {args.tokens} tokens: {peaks[0] / 1024:.0f} MiB; {10 * args.tokens} tokens: "
+              f"{peaks[1] / 1024:.0f} MiB; ratio {peaks[1] / peaks[0]:.3f}   (target <= 1.1)")
 
 
 if __name__ == "__main__":

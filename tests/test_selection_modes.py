@@ -115,12 +115,18 @@ def test_quantile_bins_equal_brute_force():
 def test_histogram_counts_every_valid_token():
     data = make_data()
     act, _, _, valid, _ = data
-    states = feed(lambda: TopKAccumulator(N, D, P, 3, 1, 1), data, 4, 2)
-    merged = merge_states(states, 3)
-    a = act[valid]
-    want = torch.stack([torch.bincount(torch.bucketize(a[:, n], HIST_EDGES), minlength=len(HIST_EDGES) + 1) for n in range(N)])
-    assert torch.equal(merged["stat_hist"], want)
-    assert int(merged["n_tokens"][0]) == a.shape[0]
+    a, tok = act[valid], data[4][valid]
+    for stride in (1, 3):
+        states = feed(lambda: TopKAccumulator(N, D, P, 3, 1, 1, histogram_stride=stride), data, 4, 2)
+        merged = merge_states(states, 3)
+        sample = a[tok % stride == 0]
+        want = torch.stack([
+            torch.bincount(torch.bucketize(sample[:, n].contiguous(), HIST_EDGES), minlength=len(HIST_EDGES) + 1)
+            for n in range(N)
+        ])
+        assert torch.equal(merged["stat_hist"], want)
+        assert int(merged["n_tokens"][0]) == a.shape[0]
+        assert torch.equal(merged["stat_max"], a.max(0).values)
 
 
 def test_threshold_mode_workflow_matches_brute_force_on_tiny_model(tiny_llama, tmp_path):

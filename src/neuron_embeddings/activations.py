@@ -43,6 +43,7 @@ class CacheSettings:
     quantile_bins: int = 0
     quantile_per_bin: int = 0
     seed: int = 0
+    histogram_stride: int = 8  # histograms count 1 token in this many (by token index); 1 = every token
 
 
 def check_layers(layers: list[int], n_layers: int, model_name: str) -> None:
@@ -149,7 +150,7 @@ def stats_shard(
 ) -> dict[str, Any]:
     """Pass 1 of the threshold selection: per-neuron max, mean, positive count and histogram, nothing else."""
     model, tokenizer, info, device = _load_for_caching(model_dir, layers, settings, trust_remote_code)
-    accumulators = {layer: StatsOnly(info.n_neurons) for layer in layers}
+    accumulators = {layer: StatsOnly(info.n_neurons, settings.histogram_stride) for layer in layers}
     result = stream_shard(model, tokenizer, info, shard_path, layers, accumulators, settings, device, shard, f"stats shard {shard}")
     meta = provenance("activation_stats", asdict(settings), model=asdict(info), shard=shard, device=str(device), **result)
     _save_states(accumulators, out_paths, meta, settings.store_dtype)
@@ -157,13 +158,13 @@ def stats_shard(
 
 
 class StatsOnly:
-    def __init__(self, n_neurons: int):
-        self.stats = Stats(n_neurons)
+    def __init__(self, n_neurons: int, histogram_stride: int):
+        self.stats = Stats(n_neurons, histogram_stride)
 
     def update(self, act, pre, x, valid, token_index, where: str = "") -> None:
         batch = make_batch(act, pre, x, valid, token_index, where)
         if batch is not None:
-            self.stats.update(batch)
+            self.stats.update(batch, where)
 
     def state(self) -> dict[str, torch.Tensor]:
         return self.stats.state()
@@ -188,14 +189,16 @@ def cache_shard(
     accumulators: dict[int, Any] = {}
     for layer in layers:
         if settings.mode == "top_k":
-            accumulators[layer] = TopKAccumulator(info.n_neurons, info.d_model, info.n_projections, settings.top_k, before, after)
+            accumulators[layer] = TopKAccumulator(
+                info.n_neurons, info.d_model, info.n_projections, settings.top_k, before, after, settings.histogram_stride
+            )
         elif settings.mode == "threshold":
             if not stats_paths or layer not in stats_paths:
                 raise PipelineError(f"selection.mode: threshold needs the merged statistics of layer {layer}")
             stats, _ = load_tensors(stats_paths[layer])
             accumulators[layer] = ThresholdAccumulator(
                 torch.from_numpy(stats["stat_max"]), info.d_model, info.n_projections, settings.alpha, settings.cap,
-                before, after, settings.seed, settings.quantile_bins, settings.quantile_per_bin,
+                before, after, settings.seed, settings.quantile_bins, settings.quantile_per_bin, settings.histogram_stride,
             )
         else:
             raise PipelineError(f"selection.mode: unknown mode '{settings.mode}' (top_k, threshold)")

@@ -63,54 +63,67 @@ def canonical_topk(neuron: torch.Tensor, value: torch.Tensor, token: torch.Tenso
 
 @dataclass
 class Batch:
-    """One forward pass's activations, with the rows (tokens) that may be examples picked out."""
+    """One forward pass's activations, left on their device (the GPU, when there is one), with the rows (tokens)
+    that may be examples picked out. Only the few entries that enter a selection ever move to the CPU."""
 
-    act: torch.Tensor  # [B, T, N]
+    act: torch.Tensor  # [B, T, N], model dtype
     pre: list[torch.Tensor]  # per projection [B, T, N]
     x: torch.Tensor  # [B, T, d]
-    valid: torch.Tensor  # [B, T]
-    rows: torch.Tensor  # [R] indices into B*T of valid tokens
-    act_flat: torch.Tensor  # [R, N]
-    tok_flat: torch.Tensor  # [R]
+    valid: torch.Tensor  # [B, T] bool, on act's device
+    rows: torch.Tensor  # [R] indices into B*T of valid tokens, on act's device
+    act_flat: torch.Tensor  # [R, N] float32, on act's device
+    tok_flat: torch.Tensor  # [R] int64, on act's device
 
 
 def make_batch(act, pre, x, valid, token_index, where: str = "") -> Batch | None:
     B, T, N = act.shape
-    act = act.float().cpu()
+    device = act.device
+    valid = valid.to(device)
     rows = valid.reshape(-1).nonzero(as_tuple=True)[0]
     if rows.numel() == 0:
         return None
-    act_flat = act.reshape(B * T, N)[rows]
-    if not torch.isfinite(act_flat).all():
-        raise PipelineError(f"{where}: NaN or inf activations (overflow in the model or its dtype?)")
-    return Batch(act, pre, x, valid, rows, act_flat, token_index.reshape(-1)[rows])
+    act_flat = act.reshape(B * T, N)[rows].float()
+    return Batch(act, pre, x, valid, rows, act_flat, token_index.to(device).reshape(-1)[rows])
 
 
 class Stats:
-    """Per-neuron max, sum, count of positive activations, histogram; and the number of tokens seen."""
+    """Per-neuron max, sum, count of positive activations and histogram; and the number of tokens seen.
 
-    def __init__(self, n_neurons: int):
+    The histogram counts a deterministic 1-in-`histogram_stride` sample of tokens (by global token index), since
+    binning every activation would cost as much as the selection itself; the other statistics are exact.
+    """
+
+    def __init__(self, n_neurons: int, histogram_stride: int = 8):
+        self.stride = histogram_stride
         self.max = torch.full((n_neurons,), float("-inf"))
         self.sum = torch.zeros(n_neurons, dtype=torch.float64)
         self.positive = torch.zeros(n_neurons, dtype=torch.int64)
         self.hist = torch.zeros((n_neurons, N_HIST), dtype=torch.int64)
         self.n_tokens = 0
 
-    def update(self, batch: Batch) -> None:
+    def update(self, batch: Batch, where: str = "") -> None:
         a = batch.act_flat
         n = a.shape[1]
-        self.max = torch.maximum(self.max, a.max(0).values)
-        self.sum += a.sum(0, dtype=torch.float64)
-        self.positive += (a > 0).sum(0)
-        bins = torch.bucketize(a, HIST_EDGES)
-        flat = (torch.arange(n) * N_HIST)[None, :] + bins
-        self.hist += torch.bincount(flat.reshape(-1), minlength=n * N_HIST).view(n, N_HIST)
+        batch_max = a.max(0).values
+        batch_sum = (torch.ones(1, a.shape[0], dtype=a.dtype, device=a.device) @ a)[0]  # a GEMV: one cheap pass
+        # NaN anywhere makes the sum NaN, +inf the max inf, -inf the sum -inf: no separate pass over a.
+        if not (torch.isfinite(batch_sum).all() and torch.isfinite(batch_max).all()):
+            raise PipelineError(f"{where}: NaN or inf activations (overflow in the model or its dtype?)")
+        self.max = torch.maximum(self.max, batch_max.cpu())
+        self.sum += batch_sum.double().cpu()
+        self.positive += torch.count_nonzero(a > 0, dim=0).cpu()
+        sampled = a[batch.tok_flat % self.stride == 0] if self.stride > 1 else a
+        if sampled.numel():
+            bins = torch.bucketize(sampled, HIST_EDGES.to(a.device))
+            flat = (torch.arange(n, device=a.device) * N_HIST)[None, :] + bins
+            self.hist += torch.bincount(flat.reshape(-1), minlength=n * N_HIST).view(n, N_HIST).cpu()
         self.n_tokens += a.shape[0]
 
     def state(self) -> dict[str, torch.Tensor]:
         return {
             "stat_max": self.max, "stat_sum": self.sum, "stat_positive": self.positive, "stat_hist": self.hist,
             "n_tokens": torch.tensor([self.n_tokens], dtype=torch.int64),
+            "hist_stride": torch.tensor([self.stride], dtype=torch.int64),
         }
 
 
@@ -121,6 +134,7 @@ def merge_stats(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
         "stat_positive": torch.stack([s["stat_positive"] for s in states]).sum(0),
         "stat_hist": torch.stack([s["stat_hist"] for s in states]).sum(0),
         "n_tokens": torch.tensor([sum(int(s["n_tokens"][0]) for s in states)], dtype=torch.int64),
+        "hist_stride": states[0].get("hist_stride", torch.tensor([1])),
     }
 
 
@@ -149,18 +163,20 @@ class ExampleSet:
         """Merge candidate entries (rows into batch.act_flat, their slots and keys) into the kept set."""
         if cand_row.numel() == 0:
             return
+        device = batch.act.device
+        cand_row, cand_slot, cand_key = cand_row.cpu(), cand_slot.cpu(), cand_key.cpu()
         S, k = self.n_slots, self.k
         B, T, N = batch.act.shape
         n_old = S * k
         slot = torch.cat([torch.arange(S).repeat_interleave(k), cand_slot])
         key = torch.cat([self.keys.reshape(-1), cand_key.double()])
-        token = torch.cat([self.tokens.reshape(-1), batch.tok_flat[cand_row]])
+        token = torch.cat([self.tokens.reshape(-1), batch.tok_flat[cand_row.to(device)].cpu()])
         keep = canonical_topk(slot, key, token, S, k)
         is_new = keep >= n_old
         pick = keep[is_new] - n_old
-        sel_flat = cand_row[pick]  # rows into act_flat
+        sel_flat = cand_row[pick].to(device)  # rows into act_flat
         sel_row = batch.rows[sel_flat]  # rows into the [B*T] batch
-        sel_neuron = cand_slot[pick] // self.per_neuron
+        sel_neuron = (cand_slot[pick] // self.per_neuron).to(device)
 
         old = keep.clone()
         old[is_new] = 0
@@ -169,17 +185,17 @@ class ExampleSet:
         ctx = self.context.reshape(n_old, -1)[old]
         xrow = self.xrow.reshape(-1)[old]
 
-        values[is_new] = batch.act_flat[sel_flat, sel_neuron]
-        pre[is_new] = torch.stack([p.float().cpu().reshape(B * T, N)[sel_row, sel_neuron] for p in batch.pre], dim=-1)
+        values[is_new] = batch.act_flat[sel_flat, sel_neuron].cpu()
+        pre[is_new] = torch.stack([p.reshape(B * T, N)[sel_row, sel_neuron] for p in batch.pre], dim=-1).float().cpu()
         b, p = sel_row // T, sel_row % T
-        pos = p[:, None] + self.offsets[None, :]
+        pos = p[:, None] + self.offsets.to(device)[None, :]
         inside = (pos >= 0) & (pos < T)
         pos_c = pos.clamp(0, T - 1)
-        around = batch.act[b[:, None], pos_c, sel_neuron[:, None]]
+        around = batch.act[b[:, None], pos_c, sel_neuron[:, None]].float()
         ok = inside & batch.valid[b[:, None], pos_c]
-        ctx[is_new] = torch.where(ok, around, torch.full_like(around, float("nan")))
+        ctx[is_new] = torch.where(ok, around, torch.full_like(around, float("nan"))).cpu()
         unique_rows, inverse = torch.unique(sel_row, return_inverse=True)
-        xrow[is_new] = self.x_store.shape[0] + inverse
+        xrow[is_new] = self.x_store.shape[0] + inverse.cpu()
         self.x_store = torch.cat([self.x_store, batch.x.reshape(B * T, -1)[unique_rows].float().cpu()])
 
         self.keys = key[keep]
@@ -240,21 +256,27 @@ def merge_sets(states: list[dict[str, torch.Tensor]], k: int, prefix: str = "") 
 class TopKAccumulator:
     """top_k mode: each neuron's k strongest examples, plus statistics, in one pass."""
 
-    def __init__(self, n_neurons: int, d_model: int, n_proj: int, k: int, context_before: int, context_after: int):
+    def __init__(
+        self, n_neurons: int, d_model: int, n_proj: int, k: int, context_before: int, context_after: int,
+        histogram_stride: int = 8,
+    ):
         self.k = k
-        self.stats = Stats(n_neurons)
+        self.stats = Stats(n_neurons, histogram_stride)
         self.examples = ExampleSet(n_neurons, 1, d_model, n_proj, k, torch.arange(-context_before, context_after + 1))
 
     def update(self, act, pre, x, valid, token_index, where: str = "") -> None:
         batch = make_batch(act, pre, x, valid, token_index, where)
         if batch is None:
             return
-        self.stats.update(batch)
+        self.stats.update(batch, where)
         a = batch.act_flat
-        # Only entries at or above both the batch's k-th value and the kept k-th value can enter the top k.
-        batch_kth = torch.topk(a, min(self.k, a.shape[0]), dim=0).values[-1]
-        threshold = torch.maximum(batch_kth, self.examples.kth_key().float())
+        # Only entries at or above the kept k-th value can enter. Once the sets are full that is a handful per
+        # batch; before (or when it would still admit many), the batch's own k-th value bounds them too.
+        threshold = self.examples.kth_key().float().to(a.device)
         cand_row, cand_neuron = (a >= threshold).nonzero(as_tuple=True)
+        if cand_row.numel() > 4 * self.examples.keys.numel():
+            batch_kth = torch.topk(a, min(self.k, a.shape[0]), dim=0).values[-1]
+            cand_row, cand_neuron = (a >= torch.maximum(batch_kth, threshold)).nonzero(as_tuple=True)
         self.examples.offer(batch, cand_row, cand_neuron, a[cand_row, cand_neuron])
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -273,13 +295,14 @@ class ThresholdAccumulator:
     def __init__(
         self, max_activation: torch.Tensor, d_model: int, n_proj: int, alpha: float, cap: int,
         context_before: int, context_after: int, seed: int = 0, bins: int = 0, per_bin: int = 0,
+        histogram_stride: int = 8,
     ):
         n = max_activation.numel()
         offsets = torch.arange(-context_before, context_after + 1)
         self.alpha, self.seed, self.bins = alpha, seed, bins
         self.max = max_activation.float()
         self.floor = eligibility_floor(self.max, alpha)
-        self.stats = Stats(n)
+        self.stats = Stats(n, histogram_stride)
         self.examples = ExampleSet(n, 1, d_model, n_proj, cap, offsets)
         self.quantiles = ExampleSet(n * bins, bins, d_model, n_proj, per_bin, offsets) if bins and per_bin else None
 
@@ -287,8 +310,10 @@ class ThresholdAccumulator:
         batch = make_batch(act, pre, x, valid, token_index, where)
         if batch is None:
             return
-        self.stats.update(batch)
+        self.stats.update(batch, where)
         a = batch.act_flat
+        if self.floor.device != a.device:
+            self.floor = self.floor.to(a.device)
         row, neuron = (a >= self.floor[None, :]).nonzero(as_tuple=True)
         self._offer_sampled(self.examples, batch, row, neuron)
         if self.quantiles is not None:
@@ -303,7 +328,7 @@ class ThresholdAccumulator:
         if row.numel() == 0:
             return
         key = -priority(batch.tok_flat[row], slot, self.seed)  # highest key = lowest priority number
-        worth = key >= target.kth_key()[slot]
+        worth = key >= target.kth_key().to(key.device)[slot]
         target.offer(batch, row[worth], slot[worth], key[worth])
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -49,6 +49,9 @@ def all_targets():
         f"{RUN}/report/index.html",
         f"{RUN}/metrics/summary.json",
         *expand(f"{RUN}/metrics/layer-{{layer}}.parquet", layer=LAYERS),
+        *expand(f"{RUN}/report/layer-{{layer}}.png", layer=LAYERS),
+        f"{RUN}/report/summary.tsv",
+        f"{RUN}/explorer",
     ]
 
 
@@ -87,6 +90,7 @@ def compute_params():
         "device": act.get("device", "auto"),
         "dtype": act.get("dtype", "float32"),
         "store_dtype": act.get("store_dtype", "float32"),
+        "histogram_stride": act.get("histogram_stride", 8),
     }
 
 
