@@ -1,0 +1,48 @@
+"""Command line: the stages' functions without Snakemake, and checks of finished outputs.
+
+    neuron-embeddings verify results/<run>/embeddings/layer-2.parquet   # the embedding invariant, from the file
+    neuron-embeddings prepare-model gpt2 results/gpt2/model              # any source -> local safetensors folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from .errors import PipelineError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="neuron-embeddings", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    verify = sub.add_parser("verify", help="check sum(embedding) + bias == pre-activation in embeddings Parquet files")
+    verify.add_argument("paths", nargs="+")
+    prepare = sub.add_parser("prepare-model", help="save a model (hub id, folder, GGUF) as a local safetensors folder")
+    prepare.add_argument("source")
+    prepare.add_argument("out_dir")
+    prepare.add_argument("--gguf-file")
+    prepare.add_argument("--revision")
+    prepare.add_argument("--trust-remote-code", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "verify":
+            from .embeddings import verify_file
+
+            for path in args.paths:
+                print(f"{path}: invariant holds, worst relative error {verify_file(path):.2e}")
+        elif args.command == "prepare-model":
+            from .models import ModelSource, prepare_model
+
+            spec = ModelSource(args.source, args.gguf_file, args.revision, args.trust_remote_code)
+            print(json.dumps(asdict(prepare_model(spec, args.out_dir)), indent=2))
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
