@@ -1,5 +1,6 @@
 # The neuron-embedding pipeline. Stages, one rule file each, data flowing one way:
 # model -> corpus -> activations (GPU) -> selection -> embeddings -> clustering -> metrics -> report
+# and, from there, the analyses (token importance: GPU) -> per-layer plots, run table, and the static explorer
 from snakemake.utils import min_version
 
 min_version("8.20")
@@ -8,9 +9,13 @@ min_version("8.20")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 wildcard_constraints:
     layer=r"\d+",
     shard=r"\d+",
+    group=r"layers(-\d+)+",  # a cache group: the layers one forward pass per shard serves (common.smk)
 
 
 include: "workflow/rules/common.smk"
@@ -22,6 +27,9 @@ include: "workflow/rules/embeddings.smk"
 include: "workflow/rules/clustering.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/analyses.smk"
+include: "workflow/rules/explorer.smk"
+include: "workflow/rules/sae.smk"
 
 
 rule all:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +110,66 @@ def run_snakemake(workdir: Path, config: dict, *args: str, check: bool = True) -
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("tiny-corpus"))
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_llama, tiny_corpus, tmp_path_factory) -> tuple[Path, dict]:
+    """One finished local run of tiny_config, shared by the whole session: treat it as read-only (dry runs are
+    fine); a test that changes outputs works on a copy (copy_run)."""
+    workdir = tmp_path_factory.mktemp("reference")
+    config = tiny_config(tiny_llama, tiny_corpus)
+    run_snakemake(workdir, config)
+    return workdir, config
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a workdir (results and .snakemake metadata) with every mtime kept, so Snakemake sees the same run."""
+    shutil.copytree(src, dst, symlinks=True, copy_function=shutil.copy2)
+    return dst
+
+
+def output_differences(a: Path, b: Path) -> list[str]:
+    """What differs between two runs' results (results/<run>/ folders): Parquet contents and metadata,
+    safetensors tensors and metadata, JSON; other files only by presence. Logs and benchmarks are ignored."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from safetensors import safe_open
+
+    def files(root: Path) -> set[str]:
+        skip = ("logs", "benchmarks")
+        return {
+            str(p.relative_to(root)) for p in root.rglob("*")
+            if p.is_file() and p.relative_to(root).parts[0] not in skip and not p.name.startswith(".")
+        }
+
+    diffs = []
+    names_a, names_b = files(a), files(b)
+    diffs += [f"only in {a}: {n}" for n in sorted(names_a - names_b)]
+    diffs += [f"only in {b}: {n}" for n in sorted(names_b - names_a)]
+    for name in sorted(names_a & names_b):
+        fa, fb = a / name, b / name
+        if name.endswith(".parquet"):
+            ta, tb = pq.read_table(fa), pq.read_table(fb)
+            if not ta.equals(tb, check_metadata=True):
+                diffs.append(f"{name}: tables differ")
+        elif name.endswith(".safetensors"):
+            with safe_open(str(fa), "numpy") as ha, safe_open(str(fb), "numpy") as hb:
+                if ha.metadata() != hb.metadata() or set(ha.keys()) != set(hb.keys()):
+                    diffs.append(f"{name}: metadata or tensor names differ")
+                else:
+                    for key in ha.keys():
+                        ea, eb = ha.get_tensor(key), hb.get_tensor(key)
+                        if not np.array_equal(ea, eb, equal_nan=ea.dtype.kind in "fc"):
+                            diffs.append(f"{name}: tensor {key} differs")
+        elif name.endswith(".json"):
+            if json.loads(fa.read_text()) != json.loads(fb.read_text()):
+                diffs.append(f"{name}: JSON differs")
+    return diffs
 
 
 def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:

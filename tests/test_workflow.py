@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import planned_jobs, run_snakemake, tiny_config, write_corpus
+from conftest import run_snakemake, tiny_config, write_corpus
 from neuron_embeddings import schemas
 from neuron_embeddings.embeddings import verify_file
 from neuron_embeddings.storage import check_schema, load_tensors, parquet_provenance
@@ -19,12 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_llama, tmp_path_factory) -> tuple[Path, dict]:
-    workdir = tmp_path_factory.mktemp("workflow")
-    corpus = write_corpus(workdir / "corpus")
-    config = tiny_config(tiny_llama, corpus)
-    run_snakemake(workdir, config)
-    return workdir, config
+def tiny_run(reference_run) -> tuple[Path, dict]:
+    return reference_run  # the session's one finished tiny run (conftest), shared with the rerun/crash/SLURM tests
 
 
 def test_every_output_has_its_schema_and_the_invariant_holds(tiny_run):
@@ -82,21 +78,6 @@ def test_report_is_html_with_escaped_corpus_text(tiny_run):
     assert "<script" not in page  # corpus text carries <script>; it must never appear unescaped
     assert "Layer 0" in page and "Layer 2" in page
     assert "data:image/png;base64," in page  # the per-layer distribution plots
-
-
-def test_finished_run_has_nothing_to_do(tiny_run):
-    workdir, config = tiny_run
-    proc = run_snakemake(workdir, config, "-n")
-    assert planned_jobs(proc) == {}, proc.stdout[-2000:]
-
-
-def test_threshold_change_reruns_only_clustering_and_after(tiny_run):
-    workdir, config = tiny_run
-    changed = json.loads(json.dumps(config))
-    changed["clustering"]["threshold"]["default"] = 0.5
-    jobs = planned_jobs(run_snakemake(workdir, changed, "-n"))
-    assert set(jobs) == {"cluster_features", "neuron_metrics", "summarize_run", "report", "all"}, jobs
-    assert jobs["cluster_features"] == 1  # only layer 0 uses the default threshold
 
 
 def test_bad_config_fails_before_any_job_with_one_line(tiny_llama, tmp_path):

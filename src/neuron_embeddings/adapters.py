@@ -16,11 +16,12 @@ and the neuron's embedding is [x * w_gate, x * w_up], one Hadamard product per i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from .errors import PipelineError
+
+if TYPE_CHECKING:  # torch is only needed once a model exists; the config checks read ARCHITECTURES without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class ModelAdapter:
             weight = proj.weight.detach().float()
             weight = weight.T if self.spec.conv1d else weight
             bias = proj.bias.detach().float() if getattr(proj, "bias", None) is not None else None
-            out.append((weight.contiguous(), bias if bias is not None else torch.zeros(weight.shape[0])))
+            out.append((weight.contiguous(), bias if bias is not None else weight.new_zeros(weight.shape[0])))
         return out
 
     def activation_fn(self, model: torch.nn.Module, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:

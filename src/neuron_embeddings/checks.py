@@ -1,4 +1,9 @@
-"""Checks of a configuration that are cheap enough to run before any job starts (after schema validation)."""
+"""Checks of a configuration that are cheap enough to run before any job starts.
+
+The workflow runs these while parsing the Snakefile (on every cluster job too), so this module and what it
+imports never load torch or transformers: a bad config fails in well under a second, with one line naming the
+key and the value, and no job (let alone a finished output) is touched.
+"""
 
 from __future__ import annotations
 
@@ -8,41 +13,127 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .adapters import ARCHITECTURES
 from .errors import PipelineError
-from .models import MANIFEST, ModelSource, resolve
+from .sources import MANIFEST, ModelSource, check_gguf, resolve
+
+
+def _key_path(parts: Any) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validate_config(config: dict[str, Any], schema_path: str | os.PathLike) -> None:
+    """The JSON-schema check, as one line naming the key and the value (Snakemake's own validate prints the schema)."""
+    import yaml
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    error = best_match(Draft202012Validator(schema).iter_errors(config))
+    if error is None:
+        return
+    # Descend into oneOf/anyOf to the alternative whose type fits the value (1.5 is "above the maximum of 1",
+    # not "valid under none of the given schemas").
+    while error.context:
+        fitting = [e for e in error.context if e.validator != "type"]
+        error = best_match(fitting or error.context)
+    where = _key_path(error.absolute_path) or "config"
+    if error.validator == "additionalProperties":
+        known = sorted((error.schema.get("properties") or {}).keys())
+        extra = sorted(set(error.instance) - set(known)) if isinstance(error.instance, dict) else []
+        raise PipelineError(f"{where}: unknown key {', '.join(repr(k) for k in extra)} (known: {', '.join(known)})")
+    if error.validator == "required":
+        raise PipelineError(f"{where}: {error.message}")
+    value = json.dumps(error.instance, default=str)
+    if len(value) > 80:
+        value = value[:77] + "..."
+    raise PipelineError(f"{where}: {value} is not allowed: {error.message}")
+
+
+def threshold_for(layer: int, threshold: float | dict[str, Any]) -> float:
+    """The clustering threshold of one layer: a number, or {default, per_layer: {"0": 0.5}}."""
+    if isinstance(threshold, dict):
+        per_layer = {int(k): v for k, v in (threshold.get("per_layer") or {}).items()}
+        return float(per_layer.get(layer, threshold["default"]))
+    return float(threshold)
+
+
+def _model_config(spec: ModelSource) -> tuple[dict[str, Any] | None, str | None]:
+    """The model's config.json (None when only the hub has it) and its GGUF file, resolved."""
+    folder, gguf = resolve(spec)
+    if gguf:
+        check_gguf(os.path.join(folder, gguf))
+        return None, gguf
+    config_json = Path(folder) / "config.json"
+    if not config_json.is_file():
+        if os.path.isdir(folder):
+            raise PipelineError(f"model.source: '{spec.source}' is a folder without config.json (not a saved model)")
+        return None, None
+    try:
+        return json.loads(config_json.read_text()), None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{config_json}: not valid JSON ({exc})") from None
 
 
 def model_layer_count(spec: ModelSource, prepared_model: str | os.PathLike | None) -> int | None:
     """The model's number of layers if it can be known without loading weights, else None."""
     if prepared_model and (Path(prepared_model) / MANIFEST).is_file():
         return int(json.loads((Path(prepared_model) / MANIFEST).read_text())["n_layers"])
-    folder, gguf = resolve(spec)
-    config_json = Path(folder) / "config.json"
-    if not gguf and config_json.is_file():
-        cfg = json.loads(config_json.read_text())
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if key in cfg:
-                return int(cfg[key])
+    cfg, _ = _model_config(spec)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if cfg and key in cfg:
+            return int(cfg[key])
     return None
 
 
-def check_config(config: dict[str, Any], prepared_model: str | os.PathLike | None = None) -> None:
+def check_model(config: dict[str, Any], prepared_model: str | os.PathLike | None = None) -> None:
     spec = ModelSource.from_config(config["model"])
+    cfg, _ = _model_config(spec)
+    if cfg is not None:
+        model_type = cfg.get("model_type")
+        if model_type not in ARCHITECTURES:
+            arch = ", ".join(cfg.get("architectures") or []) or "?"
+            raise PipelineError(
+                f"model.source: no adapter for architecture {arch} (model_type '{model_type}'); "
+                f"supported model types: {', '.join(sorted(ARCHITECTURES))}"
+            )
+        positions = next((cfg[k] for k in ("max_position_embeddings", "n_positions") if k in cfg), None)
+        window = config["corpus"]["window_tokens"]
+        if positions is not None and window > int(positions):
+            raise PipelineError(f"corpus.window_tokens: {window} is longer than the model's {positions} positions")
     n_layers = model_layer_count(spec, prepared_model)
     if n_layers is not None:
         bad = [layer for layer in config["layers"] if layer >= n_layers]
         if bad:
             raise PipelineError(f"layers: {bad} out of range; the model has layers 0..{n_layers - 1}")
-    for index, source in enumerate(config["corpus"]["sources"]):
+
+
+def check_corpus(config: dict[str, Any]) -> None:
+    corpus = config["corpus"]
+    for index, source in enumerate(corpus["sources"]):
         if "path" in source:
             pattern = os.path.expanduser(source["path"])
             matches = glob.glob(pattern, recursive=True) if glob.has_magic(pattern) else [pattern]
-            if not any(os.path.isfile(m) for m in matches):
+            files = [m for m in matches if os.path.isfile(m)]
+            if not files:
                 raise PipelineError(f"corpus.sources[{index}].path: '{source['path']}' matches no file")
-    corpus = config["corpus"]
+            if all(os.path.getsize(f) == 0 for f in files):
+                raise PipelineError(f"corpus.sources[{index}].path: '{source['path']}' matches only empty files")
     if corpus.get("min_window_tokens", 2) > corpus["window_tokens"]:
-        raise PipelineError("corpus.min_window_tokens: larger than corpus.window_tokens")
+        raise PipelineError(
+            f"corpus.min_window_tokens: {corpus.get('min_window_tokens')} is larger than "
+            f"corpus.window_tokens ({corpus['window_tokens']})"
+        )
+
+
+def check_config(config: dict[str, Any], prepared_model: str | os.PathLike | None = None) -> None:
+    """Everything that can be known wrong before a job runs; raises PipelineError (one line, naming the key)."""
+    check_model(config, prepared_model)
+    check_corpus(config)
     sel = config["selection"]
     needed = sel.get("context_before", 20) + sel.get("context_after", 10) + 1
-    if needed > 4 * corpus["window_tokens"] + 1:
+    if needed > 4 * config["corpus"]["window_tokens"] + 1:
         raise PipelineError("selection.context_before/after: the context is far wider than corpus.window_tokens")

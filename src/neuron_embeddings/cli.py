@@ -2,6 +2,7 @@
 
     neuron-embeddings verify results/<run>/embeddings/layer-2.parquet   # the embedding invariant, from the file
     neuron-embeddings prepare-model gpt2 results/gpt2/model              # any source -> local safetensors folder
+    neuron-embeddings estimate --configfile configs/gpt2-small.yaml       # jobs, tokens, disk, GPU-hours per stage
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from dataclasses import asdict
 
 from .errors import PipelineError
+from .estimate import add_arguments as add_estimate_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--gguf-file")
     prepare.add_argument("--revision")
     prepare.add_argument("--trust-remote-code", action="store_true")
+    add_estimate_arguments(sub.add_parser("estimate", help="before submitting: jobs, tokens, disk and GPU-hours per stage"))
     args = parser.parse_args(argv)
     try:
         if args.command == "verify":
@@ -33,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
 
             for path in args.paths:
                 print(f"{path}: invariant holds, worst relative error {verify_file(path):.2e}")
+        elif args.command == "estimate":
+            from .estimate import main as estimate_main
+
+            return estimate_main(args)
         elif args.command == "prepare-model":
             from .models import ModelSource, prepare_model
 

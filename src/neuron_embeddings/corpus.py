@@ -79,6 +79,9 @@ def _iter_parquet(path: str, field: str) -> Iterator[tuple[str, str]]:
         raise PipelineError(f"{path}: not a readable Parquet file ({exc})") from None
     if field not in parquet.schema_arrow.names:
         raise PipelineError(f"{path}: no column '{field}' (columns: {', '.join(parquet.schema_arrow.names)})")
+    kind = parquet.schema_arrow.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise PipelineError(f"{path}: column '{field}' holds {kind}, not text (set text_field to the text column)")
     row = 0
     for batch in parquet.iter_batches(columns=[field]):
         for value in batch.column(0).to_pylist():

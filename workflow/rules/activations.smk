@@ -4,9 +4,9 @@ rule activation_stats:
         model=rules.prepare_model.output[0],
         shard=f"{RUN}/corpus/shard-{{shard}}.parquet",
     output:
-        expand(f"{RUN}/stats/shard-{{{{shard}}}}/layer-{{layer}}.safetensors", layer=LAYERS),
+        directory(f"{RUN}/stats/{{group}}/shard-{{shard}}"),
     params:
-        layers=LAYERS,
+        layers=lambda wildcards: group_layers(wildcards.group),
         window_tokens=config["corpus"]["window_tokens"],
         compute=compute_params(),
         trust_remote_code=config["model"].get("trust_remote_code", False),
@@ -15,9 +15,9 @@ rule activation_stats:
     resources:
         gpu=config["activations"].get("gpus", 1),
     log:
-        f"{RUN}/logs/activation_stats/shard-{{shard}}.log",
+        f"{RUN}/logs/activation_stats/{{group}}/shard-{{shard}}.log",
     benchmark:
-        f"{RUN}/benchmarks/activation_stats/shard-{{shard}}.tsv"
+        f"{RUN}/benchmarks/activation_stats/{{group}}/shard-{{shard}}.tsv"
     conda:
         ENV
     script:
@@ -26,9 +26,7 @@ rule activation_stats:
 
 rule merge_stats:
     input:
-        lambda wildcards: expand(
-            f"{RUN}/stats/shard-{{shard}}/layer-{wildcards.layer}.safetensors", shard=SHARDS
-        ),
+        lambda wildcards: layer_caches("stats", wildcards.layer),
     output:
         f"{RUN}/stats/layer-{{layer}}.safetensors",
     params:
@@ -44,17 +42,18 @@ rule merge_stats:
 
 
 rule cache_activations:
-    # The GPU stage: one job per corpus shard, so a cluster caches many shards at once. Runs on the CPU too.
+    # The GPU stage: one job per corpus shard (and cache group), so a cluster caches many shards at once. Runs
+    # on the CPU too. Writes one safetensors file per layer of its group into its folder.
     input:
         model=rules.prepare_model.output[0],
         shard=f"{RUN}/corpus/shard-{{shard}}.parquet",
-        stats=merged_stats_inputs(),
+        stats=group_stats,
     output:
-        expand(f"{RUN}/activations/shard-{{{{shard}}}}/layer-{{layer}}.safetensors", layer=LAYERS),
+        directory(f"{RUN}/activations/{{group}}/shard-{{shard}}"),
     params:
-        layers=LAYERS,
+        layers=lambda wildcards: group_layers(wildcards.group),
         window_tokens=config["corpus"]["window_tokens"],
-        selection=cache_selection_params(),
+        selection=cache_selection,
         compute=compute_params(),
         trust_remote_code=config["model"].get("trust_remote_code", False),
         code=code_version("activations", "topk", "adapters", "models", "storage"),
@@ -62,9 +61,9 @@ rule cache_activations:
     resources:
         gpu=config["activations"].get("gpus", 1),
     log:
-        f"{RUN}/logs/cache_activations/shard-{{shard}}.log",
+        f"{RUN}/logs/cache_activations/{{group}}/shard-{{shard}}.log",
     benchmark:
-        f"{RUN}/benchmarks/cache_activations/shard-{{shard}}.tsv"
+        f"{RUN}/benchmarks/cache_activations/{{group}}/shard-{{shard}}.tsv"
     conda:
         ENV
     script:

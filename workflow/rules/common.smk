@@ -1,47 +1,89 @@
 # What every stage shares: config validation, output paths, and the code versions that trigger reruns.
+import ast
+import glob
 import hashlib
+import json
+import os
+import re
+import struct
+import sys
 from pathlib import Path
 
 from snakemake.utils import validate
 
-
-validate(config, schema="../schemas/config.schema.yaml")
-
 SRC = Path(workflow.basedir) / "src" / "neuron_embeddings"
+sys.path.insert(0, str(SRC.parent))
+# Light modules only (no torch): the Snakefile is parsed before every run and inside every cluster job.
+from neuron_embeddings.checks import check_config, threshold_for, validate_config
+from neuron_embeddings.errors import PipelineError
+
+
+def startup_checks(check, *args, **kwargs):
+    """Errors worth catching before any job starts: one line naming the config file, the key and the value."""
+    try:
+        check(*args, **kwargs)
+    except PipelineError as exc:
+        files = ", ".join(str(Path(f).name) for f in getattr(workflow, "configfiles", []) or []) or "config"
+        raise WorkflowError(f"{files}: {exc}") from None
+
+
+startup_checks(validate_config, config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+validate(config, schema="../schemas/config.schema.yaml")  # passes now; fills in the schema's defaults
+
 RUN = f"results/{config['run']}"
 LAYERS = sorted(config["layers"])
 SHARDS = [f"{i:03d}" for i in range(config["corpus"]["n_shards"])]
 ENV = "../../envs/pipeline.yaml"
+startup_checks(check_config, config, prepared_model=f"{RUN}/model")
 
 
-def startup_checks():
-    """Errors worth catching before any job starts, each a single line naming the key."""
-    import sys
-
-    sys.path.insert(0, str(SRC.parent))
-    from neuron_embeddings.checks import check_config
-    from neuron_embeddings.errors import PipelineError
-
-    try:
-        check_config(config, prepared_model=f"{RUN}/model")
-    except PipelineError as exc:
-        raise WorkflowError(f"config.yaml: {exc}") from None
-
-
-startup_checks()
-from neuron_embeddings.clustering import threshold_for
+def package_modules(*modules):
+    """The named package modules and every package module they import, directly or not (lazy imports too)."""
+    seen, todo = set(), list(modules)
+    while todo:
+        name = todo.pop()
+        path = SRC / f"{name}.py"
+        if name in seen or not path.is_file():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                todo += [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
+    return sorted(seen)
 
 
 def code_version(*modules):
-    """Hash of the package modules behind a stage, passed as a param: editing one reruns that stage and after."""
+    """Hash of the package code behind a stage, passed as a param: editing any module it runs (or that one
+    imports) reruns that stage and what follows. Snakemake itself only sees its `script:` files change."""
     digest = hashlib.sha256()
-    for name in sorted(set(modules)):
-        digest.update((SRC / f"{name}.py").read_bytes())
+    for name in package_modules(*modules):
+        digest.update(name.encode() + (SRC / f"{name}.py").read_bytes())
     return digest.hexdigest()[:16]
 
 
-def shard_caches(layer):
-    return expand(f"{RUN}/activations/shard-{{shard}}/layer-{layer}.safetensors", shard=SHARDS)
+def corpus_files():
+    """The local files of the corpus (path sources), as inputs: editing, adding or removing one reruns the corpus
+    and everything after it. Builtin and hub corpora are pinned by their config (params) alone."""
+    files = []
+    for source in config["corpus"]["sources"]:
+        if "path" in source:
+            pattern = os.path.expanduser(str(source["path"]))
+            matches = glob.glob(pattern, recursive=True) if glob.has_magic(pattern) else [pattern]
+            files += sorted(path for path in matches if os.path.isfile(path))
+    return files
+
+
+def model_files():
+    """The files of a local model (folder or GGUF), as inputs: replacing the weights in place reruns everything.
+    A hub id is pinned by model.revision (params) instead."""
+    from neuron_embeddings.sources import ModelSource, resolve
+
+    folder, gguf = resolve(ModelSource.from_config(config["model"]))
+    if not os.path.isdir(folder):
+        return []
+    if gguf:
+        return [os.path.join(folder, gguf)]
+    return sorted(str(p) for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))
 
 
 def all_targets():
@@ -52,6 +94,7 @@ def all_targets():
         *expand(f"{RUN}/report/layer-{{layer}}.png", layer=LAYERS),
         f"{RUN}/report/summary.tsv",
         f"{RUN}/explorer",
+        *sae_targets(),  # workflow/rules/sae.smk: SAE latents against the neurons (config key sae)
     ]
 
 
@@ -94,7 +137,147 @@ def compute_params():
     }
 
 
-def merged_stats_inputs():
+# The analyses and the explorer (workflow/rules/analyses.smk, explorer.smk).
+ANALYSES = config["analyses"]
+EXPLORER = config["explorer"]
+
+
+def importance_settings():
+    """What token importance computes, and where: only the examples the explorer shows."""
+    imp = ANALYSES["importance"]
+    return {
+        "neurons": imp.get("neurons", 2),
+        "examples_per_cluster": imp.get("examples_per_cluster", 1),
+        "max_clusters": EXPLORER.get("max_clusters", 30),
+        "batch_size": imp.get("batch_size", 64),
+        "device": config["activations"].get("device", "auto"),
+        "dtype": config["activations"].get("dtype", "float32"),
+    }
+
+
+def asset_version():
+    """Hash of the explorer's page files (HTML, JS, CSS): editing one rebuilds the explorer."""
+    digest = hashlib.sha256()
+    for path in sorted((SRC / "explorer_assets").iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# Cache groups: the layers that one forward pass per shard serves, named by their layers (layers-2-10). A
+# layer that an existing group (a folder under activations/ or stats/, even one a killed run left half done)
+# was made for stays in that group; the new layers of a run form one group of their own. So adding a layer runs
+# one more pass per shard, for the new layers only, and never reruns the caches, or anything downstream, of the
+# layers already there.
+CACHE_TREES = ("activations", "stats")
+
+
+def group_layers(group):
+    return [int(layer) for layer in group.split("-")[1:]]
+
+
+def _assign_cache_groups():
+    existing = {
+        Path(path).name
+        for tree in CACHE_TREES
+        for path in glob.glob(f"{RUN}/{tree}/layers-*")
+        if re.fullmatch(r"layers(-\d+)+", Path(path).name)
+    }
+
+    def completeness(group, layer):  # caches of this layer, then shards, the group already has
+        files = sum(len(glob.glob(f"{RUN}/{tree}/{group}/shard-*/layer-{layer}.safetensors")) for tree in CACHE_TREES)
+        shards = sum(len(glob.glob(f"{RUN}/{tree}/{group}/shard-*")) for tree in CACHE_TREES)
+        return files, shards
+
+    groups = {}
+    for layer in LAYERS:
+        holders = sorted(group for group in existing if layer in group_layers(group))
+        if holders:
+            groups[layer] = max(holders, key=lambda group: completeness(group, layer))  # ties: by name
+    new = [layer for layer in LAYERS if layer not in groups]
+    groups.update({layer: "layers-" + "-".join(map(str, new)) for layer in new})
+    return groups
+
+
+CACHE_GROUP = _assign_cache_groups()
+
+
+def layer_caches(tree, layer):
+    """The per-shard folders that hold one layer's caches (tree "activations") or pass-1 statistics ("stats")."""
+    return expand(f"{RUN}/{tree}/{CACHE_GROUP[int(layer)]}/shard-{{shard}}", shard=SHARDS)
+
+
+def _cached_top_k(folder):
+    """The top_k a finished cache folder holds (from a safetensors header, without loading it), or 0."""
+    for path in sorted(Path(folder).glob("layer-*.safetensors")):
+        try:
+            with open(path, "rb") as handle:
+                (size,) = struct.unpack("<Q", handle.read(8))
+                meta = json.loads(handle.read(size)).get("__metadata__", {})
+            settings = json.loads(meta.get("provenance", "{}")).get("settings", {})
+            if settings.get("mode", "top_k") == "top_k":
+                return int(settings.get("top_k", 0))
+        except (OSError, ValueError, struct.error):
+            pass
+    return 0
+
+
+def cache_selection(wildcards):
+    """The selection settings the caching applies. In top_k mode a shard already cached deeper than top_k keeps
+    its depth: the merge takes the same canonical top-k from it, so lowering top_k reruns the selection and
+    what follows, never the caching."""
+    params = cache_selection_params()
+    if SELECTION_MODE == "top_k":
+        cached = _cached_top_k(f"{RUN}/activations/{wildcards.group}/shard-{wildcards.shard}")
+        params = {**params, "top_k": max(params["top_k"], cached)}
+    return params
+
+
+def group_stats(wildcards):
     if SELECTION_MODE != "threshold":
         return []
-    return expand(f"{RUN}/stats/layer-{{layer}}.safetensors", layer=LAYERS)
+    return [f"{RUN}/stats/layer-{layer}.safetensors" for layer in group_layers(wildcards.group)]
+
+
+# SAE latents as units (workflow/rules/sae.smk; config key sae). units.py is light: no torch at parse time.
+import os
+import re
+
+from neuron_embeddings.units import check_sae_config, sae_specs
+
+startup_checks(check_sae_config, config)
+SAE = config.get("sae") or {}
+SAES = sae_specs(config)
+SAE_NAMES = list(SAES)
+SAE_DIR = f"{RUN}/sae"
+
+
+def sae_names_regex(kind):
+    """The names of one kind of SAE, as a wildcard constraint (one that matches nothing when there are none)."""
+    names = [re.escape(name) for name, spec in SAES.items() if spec["kind"] == kind]
+    return "|".join(names) if names else "(?!)"
+
+
+def sae_files(name):
+    return [f"{SAE_DIR}/{name}/cfg.json", f"{SAE_DIR}/{name}/sae_weights.safetensors"]
+
+
+def sae_layer(wildcards):
+    return SAES[wildcards.sae]["layer"]
+
+
+def sae_targets():
+    """What `all` asks for: per SAE its quality figures and the comparison with its layer's neurons."""
+    return [
+        path
+        for name in SAE_NAMES
+        for path in (f"{SAE_DIR}/{name}/quality.json", f"{SAE_DIR}/{name}/comparison.json", f"{RUN}/report/sae-{name}.png")
+    ]
+
+
+def sae_report_inputs():
+    """The report's SAE section: per SAE its comparison JSON, then its plot."""
+    return [path for name in SAE_NAMES for path in (f"{SAE_DIR}/{name}/comparison.json", f"{RUN}/report/sae-{name}.png")]
+
+
+def sae_training_settings(wildcards):
+    return {**SAES[wildcards.sae]["train"], "eval_tokens": SAE.get("eval_tokens", 2048)}

@@ -1,6 +1,7 @@
 rule tokenize_corpus:
     input:
         model=rules.prepare_model.output[0],
+        corpus=corpus_files(),
     output:
         documents=f"{RUN}/corpus/documents.parquet",
         shards=expand(f"{RUN}/corpus/shard-{{shard}}.parquet", shard=SHARDS),

@@ -5,6 +5,7 @@ rule report:
         clusters=expand(f"{RUN}/clusters/layer-{{layer}}.parquet", layer=LAYERS),
         embeddings=expand(f"{RUN}/embeddings/layer-{{layer}}.parquet", layer=LAYERS),
         documents=rules.tokenize_corpus.output.documents,
+        sae=lambda wildcards: sae_report_inputs(),  # per SAE: comparison.json, then its plot (rules/sae.smk)
     output:
         report(
             f"{RUN}/report/index.html",

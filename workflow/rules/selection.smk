@@ -1,7 +1,7 @@
 rule select_examples:
     # Merge the shard caches of one layer: each neuron's final examples, deterministic whatever the shard order.
     input:
-        lambda wildcards: shard_caches(wildcards.layer),
+        lambda wildcards: layer_caches("activations", wildcards.layer),
     output:
         f"{RUN}/selection/layer-{{layer}}.safetensors",
     params:

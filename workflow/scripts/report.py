@@ -13,6 +13,7 @@ run_stage(
         embeddings_paths=dict(zip(layers, snakemake.input.embeddings)),
         documents_path=snakemake.input.documents,
         settings={**snakemake.params.settings, "corpus": snakemake.params.corpus},
+        sae_comparisons=list(zip(snakemake.input.sae[::2], snakemake.input.sae[1::2])),
     ),
     snakemake.log[0],
 )

@@ -2,11 +2,12 @@ from neuron_embeddings.runner import run_stage
 from neuron_embeddings.selection import merge_layer
 
 layer = int(snakemake.wildcards.layer)
+caches = [f"{folder}/layer-{layer}.safetensors" for folder in snakemake.input]  # one folder per shard
 selection = snakemake.params.selection
 run_stage(
     f"select_examples layer {layer}",
     lambda: merge_layer(
-        list(snakemake.input),
+        caches,
         snakemake.output[0],
         snakemake.params.k,
         layer,

@@ -1,0 +1,305 @@
+"""The explorer: a static, self-contained site over a run that opens from disk (file://) or any static server.
+
+Layout of the folder it writes:
+
+    index.html, explorer.js, explorer.css      the page (package assets in explorer_assets/, copied verbatim)
+    data/index.js                              the run: layers, settings, per-layer summaries and plots
+    data/layer-L/neurons.js                    per neuron of layer L: metrics, sweep counts (for lists, plots)
+    data/layer-L/search.js                     max-token text -> neurons (the token search), loaded on first use
+    data/layer-L/block-NNNN.js                 neurons [NNNN * block_size, ...): clusters, examples, similar links
+
+Data files are JavaScript that call `NE.register(key, {...})` with a JSON object, loaded on demand with a
+<script> element: fetch() of local files is refused under file://, a script is not. So a page only ever loads
+the blocks of the neurons looked at, and no file grows with the model (one block of a GPT2-small layer holds
+64 of its 3,072 neurons).
+
+All corpus text (tokens, document origins) is data: the JSON is written with every '<', '>' and '&' escaped,
+and the page puts text into the DOM with textContent only, never as markup.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__, schemas
+from .importance import display_order, read_columns
+from .report import pick_neurons
+from .storage import load_tensors, parquet_provenance, read_parquet
+from .sweep import sweep_curve
+
+ASSETS = Path(__file__).parent / "explorer_assets"
+ASSET_FILES = ("index.html", "explorer.js", "explorer.css")
+METRIC_COLUMNS = (
+    "size", "n_clusters", "largest_cluster_share", "mean_distance", "max_distance", "mean_intra_distance",
+    "mean_inter_distance", "max_activation", "mean_activation", "frac_positive",
+)
+
+
+@dataclass(frozen=True)
+class ExplorerSettings:
+    examples_per_cluster: int = 10  # shown per cluster, the central one first
+    max_clusters: int = 30  # tabs per neuron, largest first
+    context_before: int = 20  # tokens shown before the max token (at most selection.context_before)
+    context_after: int = 10
+    block_size: int = 64  # neurons per data file
+    featured: int = 8  # the N most and N least polysemantic neurons listed per layer
+    search_hits: int = 50  # neurons kept per token in the search index
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    embeddings: str | os.PathLike
+    clusters: str | os.PathLike
+    metrics: str | os.PathLike
+    importance: str | os.PathLike
+    similar: str | os.PathLike
+    sweep: str | os.PathLike
+    selection: str | os.PathLike
+
+
+def js_data(key: str, data: Any) -> str:
+    """A data file: one registration call; no '<', '>' or '&' survives in the text, whatever the data holds."""
+    text = json.dumps(data, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return f"NE.register({json.dumps(key)},{text});\n"
+
+
+def rounded(values: np.ndarray, scale: float, digits: int = 4) -> list[float]:
+    """Round to `digits` significant digits of `scale` (the neuron's largest activation): small JSON."""
+    decimals = int(min(8, max(0, digits - 1 - math.floor(math.log10(scale))))) if scale > 0 else 3
+    return np.round(values.astype(np.float64), decimals).tolist()
+
+
+def finite_or_none(value: Any) -> float | None:
+    return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else float(value)
+
+
+def histogram_counts(values: np.ndarray, bins: np.ndarray) -> list[int]:
+    return np.histogram(values, bins=bins)[0].astype(int).tolist() if values.size else []
+
+
+class LayerData:
+    """One layer's tables, joined as the explorer needs them."""
+
+    def __init__(self, layer: int, inputs: LayerInputs, settings: ExplorerSettings):
+        self.layer, self.settings = layer, settings
+        columns = ["neuron", "example_rank", "sample", "document", "doc_position", "token", "activation",
+                   "context_tokens", "context_activations", "context_center"]
+        self.emb = read_columns(inputs.embeddings, schemas.EMBEDDINGS, columns)
+        self.clusters = read_parquet(inputs.clusters, schemas.CLUSTERS)
+        self.metrics = read_parquet(inputs.metrics, schemas.METRICS)
+        self.sweep = read_parquet(inputs.sweep, schemas.SWEEP)
+        self.threshold = (parquet_provenance(inputs.clusters).get("settings") or {}).get("threshold")
+        self.neuron = self.emb.column("neuron").to_numpy()
+        self.rank = self.emb.column("example_rank").to_numpy()
+        self.central = self.clusters.column("is_central").to_numpy(zero_copy_only=False)
+        self.cluster = self.clusters.column("cluster").to_numpy()
+        self.token = self.emb.column("token").to_pylist()
+        row_of = {(n, r): i for i, (n, r) in enumerate(zip(self.neuron.tolist(), self.rank.tolist()))}
+        imp = read_parquet(inputs.importance, schemas.IMPORTANCE)
+        self.importance = {
+            row_of[(n, r)]: values
+            for n, r, values in zip(
+                imp.column("neuron").to_pylist(), imp.column("example_rank").to_pylist(), imp.column("importance").to_pylist()
+            )
+        }
+        self.importance_neurons = sorted(set(imp.column("neuron").to_pylist()))
+        central_token = {
+            (int(self.neuron[i]), int(self.cluster[i])): self.token[i] for i in np.flatnonzero(self.central).tolist()
+        }
+        self.similar: dict[tuple[int, int], list[list[Any]]] = {}
+        sim = read_parquet(inputs.similar, schemas.SIMILAR)
+        for n, c, on, oc, s in zip(*(sim.column(k).to_pylist() for k in ("neuron", "cluster", "other_neuron", "other_cluster", "similarity"))):
+            self.similar.setdefault((n, c), []).append([on, oc, round(s, 3), central_token.get((on, oc), "")])
+        state, _ = load_tensors(inputs.selection)
+        self.cached_hist = state.get("stat_hist")
+        self.hist_stride = int(state["hist_stride"][0]) if "hist_stride" in state else 1
+
+    def neurons_file(self) -> dict[str, Any]:
+        m = self.metrics
+        sweep_counts = self.sweep.column("n_clusters").to_numpy()
+        n_thresholds = len(set(self.sweep.column("threshold").to_pylist())) or 1
+        most, least = pick_neurons(m, self.settings.featured)
+        data: dict[str, Any] = {"neuron": m.column("neuron").to_pylist()}
+        for name in METRIC_COLUMNS:
+            values = m.column(name).to_pylist()
+            data[name] = values if pa.types.is_integer(m.schema.field(name).type) else [None if v is None else round(v, 4) for v in values]
+        sweep_neurons = self.sweep.column("neuron").to_numpy()[::n_thresholds].tolist()
+        data["sweep"] = dict(zip(map(str, sweep_neurons), sweep_counts.reshape(-1, n_thresholds).tolist()))
+        data["featured"] = {"most": most, "least": least}
+        data["importance_neurons"] = self.importance_neurons
+        return data
+
+    def summary(self) -> dict[str, Any]:
+        clusters = self.metrics.column("n_clusters").to_numpy()
+        distance = np.array([v for v in self.metrics.column("mean_distance").to_pylist() if v is not None])
+        top = int(clusters.max(initial=1))
+        distance_bins = np.linspace(0.0, max(1.0, float(distance.max(initial=0.0))), 31)
+        return {
+            "neurons": int(self.metrics.num_rows),
+            "threshold": self.threshold,
+            "clusters_per_neuron_mean": float(clusters.mean()) if clusters.size else None,
+            "frac_polysemantic": float((clusters > 1).mean()) if clusters.size else None,
+            "clusters_hist": {"start": 1, "counts": histogram_counts(clusters, np.arange(0.5, top + 1.5))},
+            "distance_hist": {"edges": np.round(distance_bins, 4).tolist(), "counts": histogram_counts(distance, distance_bins)},
+            "sweep": sweep_curve(self.sweep),
+        }
+
+    def search_file(self) -> dict[str, Any]:
+        """Max-token text -> the neurons with most examples on it (count, best activation)."""
+        grouped = (
+            pa.table({"token": self.emb.column("token"), "neuron": self.emb.column("neuron"), "activation": self.emb.column("activation")})
+            .group_by(["token", "neuron"])
+            .aggregate([("activation", "count"), ("activation", "max")])
+            .sort_by([("token", "ascending"), ("activation_count", "descending"), ("activation_max", "descending"), ("neuron", "ascending")])
+        )
+        tokens: list[str] = []
+        hits: list[list[Any]] = []
+        for token, neuron, count, best in zip(*(grouped.column(c).to_pylist() for c in ("token", "neuron", "activation_count", "activation_max"))):
+            if not tokens or tokens[-1] != token:
+                tokens.append(token)
+                hits.append([])
+            if len(hits[-1]) < 3 * self.settings.search_hits:
+                hits[-1].extend([neuron, count, round(best, 3)])
+        return {"tokens": tokens, "hits": hits}
+
+    def histogram(self, neuron: int, rows: np.ndarray, acts: list[list[float]], scale: float) -> dict[str, Any]:
+        if self.cached_hist is not None:
+            counts = self.cached_hist[neuron]
+            nonzero = np.flatnonzero(counts)
+            if nonzero.size:
+                lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
+                return {"kind": "cache", "first_bin": lo, "counts": counts[lo:hi].astype(int).tolist(), "stride": self.hist_stride}
+        values = np.concatenate([np.asarray(a, np.float64) for a in acts]) if acts else np.zeros(0)
+        values = values[np.isfinite(values)]
+        if not values.size:
+            return {"kind": "examples", "edges": [], "counts": []}
+        edges = np.linspace(float(values.min()), float(values.max()) + 1e-9, 21)
+        return {"kind": "examples", "edges": rounded(edges, scale), "counts": histogram_counts(values, edges)}
+
+    def blocks(self, documents: list[str]) -> dict[int, dict[str, Any]]:
+        s = self.settings
+        ctx_tokens = self.emb.column("context_tokens").to_pylist()
+        ctx_acts = self.emb.column("context_activations").to_pylist()
+        center = self.emb.column("context_center").to_numpy()
+        activation = self.emb.column("activation").to_numpy()
+        sample = self.emb.column("sample").to_pylist()
+        document = self.emb.column("document").to_numpy()
+        doc_position = self.emb.column("doc_position").to_numpy()
+        size = self.clusters.column("cluster_size").to_numpy()
+        mean_sim = self.clusters.column("mean_similarity").to_numpy()
+        by_neuron: dict[int, list[np.ndarray]] = {}
+        for rows in display_order(self.clusters):
+            by_neuron.setdefault(int(self.neuron[rows[0]]), []).append(rows)
+        blocks: dict[int, dict[str, Any]] = {}
+        for neuron, clusters in by_neuron.items():
+            block = blocks.setdefault(neuron // s.block_size, {"layer": self.layer, "vocab": [], "origins": {}, "neurons": {}, "_vocab": {}})
+            vocab = block["_vocab"]
+            neuron_rows = np.concatenate(clusters)
+            scale = float(np.nanmax(np.abs(np.concatenate([np.asarray(ctx_acts[i], np.float64) for i in neuron_rows]))))
+            scale = scale if math.isfinite(scale) and scale > 0 else 1.0
+            shown = []
+            for rows in clusters[: s.max_clusters]:
+                first = rows[0]
+                examples = []
+                for i in rows[: s.examples_per_cluster].tolist():
+                    c = int(center[i])
+                    lo, hi = max(0, c - s.context_before), min(len(ctx_tokens[i]), c + s.context_after + 1)
+                    ids = []
+                    for tok in ctx_tokens[i][lo:hi]:
+                        if tok not in vocab:
+                            vocab[tok] = len(block["vocab"])
+                            block["vocab"].append(tok)
+                        ids.append(vocab[tok])
+                    example = {
+                        "r": int(self.rank[i]), "a": rounded(np.array([activation[i]]), scale)[0], "c": c - lo,
+                        "t": ids, "v": rounded(np.nan_to_num(np.asarray(ctx_acts[i][lo:hi], np.float64)), scale),
+                        "d": int(document[i]), "p": int(doc_position[i]),
+                    }
+                    if sample[i] not in ("top_k", "threshold"):
+                        example["s"] = sample[i]
+                    if i in self.importance:
+                        example["i"] = np.round(np.asarray(self.importance[i][lo : c + 1], np.float64), 3).tolist()
+                    block["origins"].setdefault(str(int(document[i])), documents[int(document[i])])
+                    examples.append(example)
+                shown.append(
+                    {
+                        "id": int(self.cluster[first]),
+                        "size": int(size[first]),
+                        "mean_similarity": round(float(mean_sim[first]), 3),
+                        "examples": examples,
+                        "similar": self.similar.get((neuron, int(self.cluster[first])), []),
+                    }
+                )
+            block["neurons"][str(neuron)] = {
+                "scale": rounded(np.array([scale]), scale)[0],
+                "n_clusters": len(clusters),
+                "clusters": shown,
+                "hist": self.histogram(neuron, neuron_rows, [ctx_acts[i] for i in neuron_rows.tolist()], scale),
+            }
+        for block in blocks.values():
+            del block["_vocab"]
+        return blocks
+
+
+def build_explorer(
+    out_dir: str | os.PathLike,
+    run: str,
+    layers: dict[int, LayerInputs],
+    documents_path: str | os.PathLike,
+    settings: ExplorerSettings,
+    importance_settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the explorer folder whole, or not at all (built beside it, then renamed into place)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    documents = read_parquet(documents_path, schemas.DOCUMENTS).column("origin").to_pylist()
+    index: dict[str, Any] = {"run": run, "version": __version__, "layers": sorted(layers), "settings": asdict(settings),
+                             "importance": importance_settings or {}, "summary": {}}
+    files, largest = 0, 0
+    try:
+        for name in ASSET_FILES:
+            shutil.copyfile(ASSETS / name, tmp / name)
+        data = tmp / "data"
+        for layer in sorted(layers):
+            ld = LayerData(layer, layers[layer], settings)
+            if "model" not in index:
+                model = parquet_provenance(layers[layer].embeddings).get("model") or {}
+                index["model"] = {k: model.get(k) for k in ("source", "architecture", "n_layers", "n_neurons", "d_model", "activation")}
+                index["hist_edges"] = _hist_edges() if ld.cached_hist is not None else None
+            index["summary"][str(layer)] = ld.summary()
+            folder = data / f"layer-{layer}"
+            folder.mkdir(parents=True)
+            payloads = {"neurons": ld.neurons_file(), "search": ld.search_file()}
+            payloads.update({f"block-{b:04d}": block for b, block in sorted(ld.blocks(documents).items())})
+            for name, payload in payloads.items():
+                text = js_data(f"layer-{layer}/{name}", payload)
+                (folder / f"{name}.js").write_text(text, encoding="ascii")
+                files, largest = files + 1, max(largest, len(text))
+        text = js_data("index", index)
+        (data / "index.js").write_text(text, encoding="ascii")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    total = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    return {"data_files": files + 1, "largest_file_bytes": largest, "total_bytes": total}
+
+
+def _hist_edges() -> list[float]:
+    from .topk import HIST_EDGES
+
+    return [float(f"{v:.6g}") for v in HIST_EDGES.tolist()]

@@ -1,0 +1,158 @@
+"""Threshold sweep: clusters per neuron as a function of the similarity threshold, and the per-layer plots.
+
+The count of feature clusters depends on the clustering threshold; the sweep reclusters every neuron of a layer
+at a few thresholds (the configured method, same embeddings), so a reader can see how sensitive the
+polysemanticity count is. `plot_layer` draws a layer's distributions for the Snakemake report, and
+`summary_table` gathers the run's per-layer figures in one TSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import schemas
+from .clustering import METHODS, agglomerative, cosine_similarity_matrix, neuron_groups, threshold_graph
+from .embeddings import load_layer
+from .errors import PipelineError
+from .storage import atomic_path, parquet_provenance, provenance, read_parquet, write_parquet
+
+
+def threshold_sweep(
+    embeddings_path: str | os.PathLike, out_path: str | os.PathLike, layer: int, thresholds: list[float], method: str
+) -> dict[str, Any]:
+    if method not in METHODS:
+        raise PipelineError(f"clustering.method: '{method}' is not one of {', '.join(METHODS)}")
+    thresholds = sorted(float(t) for t in thresholds)
+    cluster = threshold_graph if method == "threshold_graph" else agglomerative
+    table, emb = load_layer(embeddings_path)
+    neurons, counts = [], []
+    for neuron, start, stop in neuron_groups(table.column("neuron").to_numpy()):
+        sim = cosine_similarity_matrix(emb[start:stop])
+        neurons.append(neuron)
+        counts.append([int(cluster(sim, t).max()) + 1 for t in thresholds])
+    n = len(neurons)
+    out = pa.Table.from_pydict(
+        {
+            "layer": pa.array(np.full(n * len(thresholds), layer), pa.int16()),
+            "neuron": pa.array(np.repeat(neurons, len(thresholds)), pa.int32()),
+            "threshold": pa.array(np.tile(thresholds, n), pa.float32()),
+            "n_clusters": pa.array(np.array(counts, np.int32).reshape(-1), pa.int32()),
+        },
+        schema=schemas.SWEEP,
+    )
+    write_parquet(out, out_path, provenance("sweep", {"layer": layer, "thresholds": thresholds, "method": method}))
+    return {"neurons": n, "thresholds": thresholds}
+
+
+def sweep_curve(sweep: pa.Table) -> dict[str, list[float]]:
+    """Per threshold: mean, 10/50/90th percentile of clusters per neuron, and the share with more than one."""
+    threshold = sweep.column("threshold").to_numpy()
+    counts = sweep.column("n_clusters").to_numpy()
+    curve: dict[str, list[float]] = {k: [] for k in ("threshold", "mean", "p10", "p50", "p90", "frac_polysemantic")}
+    for t in np.unique(threshold):
+        c = counts[threshold == t]
+        curve["threshold"].append(round(float(t), 6))
+        curve["mean"].append(float(c.mean()))
+        for q in (10, 50, 90):
+            curve[f"p{q}"].append(float(np.percentile(c, q)))
+        curve["frac_polysemantic"].append(float((c > 1).mean()))
+    return curve
+
+
+def plot_layer(
+    metrics_path: str | os.PathLike,
+    sweep_path: str | os.PathLike,
+    similar_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    layer: int,
+) -> dict[str, Any]:
+    """A layer's four panels as one PNG: clusters per neuron, mean distance, the sweep, similar-feature links."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = read_parquet(metrics_path, schemas.METRICS)
+    sweep = read_parquet(sweep_path, schemas.SWEEP)
+    similar = read_parquet(similar_path, schemas.SIMILAR)
+    threshold = (parquet_provenance(metrics_path).get("clustering") or {}).get("threshold")
+    clusters = metrics.column("n_clusters").to_numpy()
+    distance = np.array([v for v in metrics.column("mean_distance").to_pylist() if v is not None])
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), dpi=90)
+    ax = axes[0, 0]
+    if clusters.size:
+        ax.hist(clusters, bins=np.arange(0.5, clusters.max() + 1.5), color="#4c72b0")
+    ax.set(title=f"layer {layer}: feature clusters per neuron", xlabel="clusters", ylabel="neurons")
+    ax = axes[0, 1]
+    if distance.size:
+        ax.hist(distance, bins=30, color="#dd8452")
+    ax.set(title="mean pairwise cosine distance", xlabel="distance", ylabel="neurons")
+    ax = axes[1, 0]
+    curve = sweep_curve(sweep)
+    if curve["threshold"]:
+        ax.fill_between(curve["threshold"], curve["p10"], curve["p90"], color="#55a868", alpha=0.25, label="10-90th pct")
+        ax.plot(curve["threshold"], curve["mean"], "o-", color="#55a868", label="mean")
+        ax.plot(curve["threshold"], curve["p50"], "s--", color="#2d6a3e", label="median")
+        if threshold is not None:
+            ax.axvline(float(threshold), color="#c44e52", linestyle=":", label=f"configured {float(threshold):g}")
+        ax.legend(fontsize=8)
+    ax.set(title="threshold sweep", xlabel="cosine-similarity threshold", ylabel="clusters per neuron")
+    ax = axes[1, 1]
+    sims = similar.filter(pc.equal(similar.column("rank"), 0)).column("similarity").to_numpy()
+    if sims.size:
+        ax.hist(sims, bins=30, color="#8172b2")
+    ax.set(title="similar features: best link per cluster", xlabel="cosine similarity of x", ylabel="clusters")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})  # no version string: same bytes every run
+    plt.close(fig)
+    with atomic_path(out_path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    return {"bytes": len(buffer.getvalue())}
+
+
+def summary_table(
+    summary_path: str | os.PathLike,
+    sweep_paths: dict[int, str | os.PathLike],
+    similar_paths: dict[int, str | os.PathLike],
+    importance_paths: dict[int, str | os.PathLike],
+    out_path: str | os.PathLike,
+) -> dict[str, Any]:
+    """The run at a glance, one row per layer (a TSV the Snakemake report shows as a table)."""
+    summary = json.loads(open(summary_path).read())["layers"]
+    rows = []
+    for layer in sorted(sweep_paths):
+        s = summary[str(layer)]
+        curve = sweep_curve(read_parquet(sweep_paths[layer], schemas.SWEEP))
+        similar = read_parquet(similar_paths[layer], schemas.SIMILAR)
+        importance = read_parquet(importance_paths[layer], schemas.IMPORTANCE)
+        linked = similar.group_by(["neuron", "cluster"]).aggregate([]).num_rows
+        rows.append(
+            {
+                "layer": layer,
+                "neurons": s["neurons"],
+                "threshold": (s.get("clustering") or {}).get("threshold"),
+                "clusters_per_neuron_mean": round(s["clusters_per_neuron_mean"] or 0, 3),
+                "clusters_per_neuron_median": s["clusters_per_neuron_median"],
+                "frac_polysemantic": round(s["frac_polysemantic"] or 0, 3),
+                "mean_distance_median": round(s["mean_distance_median"] or 0, 3),
+                "sweep_mean_clusters": " ".join(f"{t:g}:{m:.2f}" for t, m in zip(curve["threshold"], curve["mean"])),
+                "clusters_with_similar_features": linked,
+                "importance_examples": importance.num_rows,
+                "importance_neurons": len(set(importance.column("neuron").to_pylist())),
+            }
+        )
+    with atomic_path(out_path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["layer"], delimiter="\t")
+            writer.writeheader()
+            writer.writerows(rows)
+    return {"layers": len(rows)}

@@ -1,0 +1,20 @@
+import os
+
+from neuron_embeddings.runner import run_stage
+from neuron_embeddings.sae import embed_latents
+
+name = snakemake.wildcards.sae
+run_stage(
+    f"embed_sae_latents {name}",
+    lambda: embed_latents(
+        snakemake.input.selection,
+        os.path.dirname(snakemake.input.sae[0]),
+        snakemake.input.model,
+        list(snakemake.input.corpus),
+        snakemake.output[0],
+        snakemake.params.layer,
+        name,
+        trust_remote_code=snakemake.params.trust_remote_code,
+    ),
+    snakemake.log[0],
+)

@@ -1,0 +1,16 @@
+from neuron_embeddings.runner import run_stage
+from neuron_embeddings.selection import merge_layer
+
+selection = snakemake.params.selection
+run_stage(
+    f"select_sae_examples {snakemake.wildcards.sae}",
+    lambda: merge_layer(
+        list(snakemake.input),
+        snakemake.output[0],
+        snakemake.params.k,
+        snakemake.params.layer,
+        mode=selection["mode"],
+        quantile_per_bin=selection.get("quantile_per_bin", 0),
+    ),
+    snakemake.log[0],
+)

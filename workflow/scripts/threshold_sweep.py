@@ -1,0 +1,9 @@
+from neuron_embeddings.runner import run_stage
+from neuron_embeddings.sweep import threshold_sweep
+
+layer = int(snakemake.wildcards.layer)
+run_stage(
+    f"threshold_sweep layer {layer}",
+    lambda: threshold_sweep(snakemake.input[0], snakemake.output[0], layer, list(snakemake.params.thresholds), snakemake.params.method),
+    snakemake.log[0],
+)

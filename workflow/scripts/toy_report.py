@@ -1,0 +1,8 @@
+from neuron_embeddings.runner import run_stage
+from neuron_embeddings.toy import write_toy_report
+
+run_stage(
+    "toy_report",
+    lambda: write_toy_report(snakemake.input.choice, snakemake.input.png, snakemake.output[0], snakemake.params.settings),
+    snakemake.log[0],
+)
