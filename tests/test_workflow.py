@@ -128,3 +128,30 @@ def test_embedded_smollm2_default_runs_end_to_end(tmp_path):
     assert parquet_provenance(run / "embeddings/layer-5.parquet")["model"]["architecture"] == "LlamaForCausalLM"
     assert (run / "report/index.html").stat().st_size > 10_000
     shutil.rmtree(run / "model")  # 0.5 GB of fp32 weights; nothing else needs them
+
+
+def test_scheduler_warning_names_the_oversubscribing_snakemake_releases():
+    from neuron_embeddings.checks import scheduler_warning
+
+    assert "snakemake>=9.17" in scheduler_warning("9.15.0")
+    assert scheduler_warning("9.10.0") is not None
+    assert all(scheduler_warning(v) is None for v in ("8.30.0", "9.9.0", "9.17.0", "9.27.1", "10.0"))
+
+
+def test_installed_snakemake_keeps_jobs_within_the_cores(tmp_path):
+    """Two 2-thread jobs on --cores 2 must run one after the other. Snakemake 9.10 to 9.16 started them together
+    once a shared upstream job had run (the demo's caching jobs then ran 4 at once on 2 cores, 15x slower)."""
+    import subprocess
+
+    from conftest import SNAKEMAKE
+
+    (tmp_path / "Snakefile").write_text(
+        'rule all:\n    input: "a.txt", "b.txt"\n'
+        'rule common:\n    output: "common"\n    threads: 2\n    shell: "touch {output}"\n'
+        'rule job:\n    input: "common"\n    output: "{name}.txt"\n    threads: 2\n'
+        '    shell: "python -c \'import time; print(time.time())\' > {output}; sleep 2; '
+        'python -c \'import time; print(time.time())\' >> {output}"\n'
+    )
+    subprocess.run([*SNAKEMAKE, "--cores", "2", "--quiet"], cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    spans = sorted(tuple(map(float, (tmp_path / f"{n}.txt").read_text().split())) for n in "ab")
+    assert spans[1][0] >= spans[0][1], f"two 2-thread jobs overlapped on 2 cores: {spans}"

@@ -137,3 +137,24 @@ def check_config(config: dict[str, Any], prepared_model: str | os.PathLike | Non
     needed = sel.get("context_before", 20) + sel.get("context_after", 10) + 1
     if needed > 4 * config["corpus"]["window_tokens"] + 1:
         raise PipelineError("selection.context_before/after: the context is far wider than corpus.window_tokens")
+
+
+# Snakemake releases whose scheduler may start jobs whose threads add up to more than --cores (upstream issue
+# 3913): on this project's 2-core machine the demo's four 2-thread caching jobs then ran at once, 15x slower.
+OVERSUBSCRIBING_SNAKEMAKE = ((9, 10), (9, 17))
+
+
+def scheduler_warning(snakemake_version: str) -> str | None:
+    """A one-line warning for a Snakemake release that oversubscribes the cores, or None."""
+    try:
+        major_minor = tuple(int(part) for part in snakemake_version.split(".")[:2])
+    except ValueError:
+        return None
+    first, fixed = OVERSUBSCRIBING_SNAKEMAKE
+    if first <= major_minor < fixed:
+        return (
+            f"warning: Snakemake {snakemake_version} may run more threads at once than --cores allows "
+            f"(its scheduler, releases {first[0]}.{first[1]} to {fixed[0]}.{fixed[1] - 1}); "
+            f"install snakemake>={fixed[0]}.{fixed[1]}"
+        )
+    return None

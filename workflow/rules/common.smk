@@ -14,8 +14,12 @@ from snakemake.utils import validate
 SRC = Path(workflow.basedir) / "src" / "neuron_embeddings"
 sys.path.insert(0, str(SRC.parent))
 # Light modules only (no torch): the Snakefile is parsed before every run and inside every cluster job.
-from neuron_embeddings.checks import check_config, threshold_for, validate_config
+from neuron_embeddings.checks import check_config, scheduler_warning, threshold_for, validate_config
 from neuron_embeddings.errors import PipelineError
+import snakemake
+
+if warning := scheduler_warning(snakemake.__version__):
+    print(warning, file=sys.stderr)
 
 
 def startup_checks(check, *args, **kwargs):
