@@ -9,8 +9,11 @@ from neuron_embeddings.similar import link_clusters, nearest, unit_rows
 
 
 def brute_force(rows, store, neuron, cluster, top_k, min_similarity):
-    unit = unit_rows(store[rows]).astype(np.float64)
-    sim = unit @ unit.T
+    # Similarity between store rows, then indexed: clusters on the same token get bit-identical similarities. A
+    # matrix product over the clusters themselves may differ in the last bit between two copies of one vector
+    # (BLAS blocking), which would turn an exact tie, broken by (neuron, cluster), into an arbitrary order.
+    unit = unit_rows(store).astype(np.float64)
+    sim = (unit @ unit.T)[np.ix_(rows, rows)]
     zero = np.linalg.norm(store[rows], axis=1) == 0
     out = []
     for i in range(len(rows)):
