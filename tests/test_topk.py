@@ -173,9 +173,17 @@ def data(request):
     return _data(0, rising=request.param == "rising")
 
 
+@pytest.fixture(params=["roomy", "tight"])
+def store_room(request, monkeypatch):
+    """tight: the x store's buffer has no spare room, so it is compacted (rows renumbered) on most batches."""
+    if request.param == "tight":
+        monkeypatch.setattr(topk, "MIN_STORE_ROWS", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("batch", [1, 3, W])
-def test_streaming_matches_brute_force(data, k, batch):
+def test_streaming_matches_brute_force(data, k, batch, store_room):
     ref = _brute_force(*data, k)
     assert ref["live"].all()  # enough valid tokens: every slot is filled
     _assert_matches(_run(*data, k, batch), ref)
@@ -183,11 +191,21 @@ def test_streaming_matches_brute_force(data, k, batch):
 
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("bounds", [(0, 9, W), (0, 5, 12, W), (0, 1, 4, W)])
-def test_sharded_merge_matches_brute_force(data, k, bounds):
+def test_sharded_merge_matches_brute_force(data, k, bounds, store_room):
     ref = _brute_force(*data, k)
     states = [_run(*data, k, batch, lo, hi) for (lo, hi), batch in zip(zip(bounds[:-1], bounds[1:]), (2, 1, 5))]
     _assert_matches(topk.merge_states(states, k), ref)
     _assert_matches(topk.merge_states(states[::-1], k), ref)  # the merge order does not matter
+
+
+def test_tight_store_compacts_while_streaming(monkeypatch):
+    monkeypatch.setattr(topk, "MIN_STORE_ROWS", 1)
+    compactions = []
+    live_rows = topk.ExampleSet._live_rows
+    monkeypatch.setattr(topk.ExampleSet, "_live_rows", lambda self: compactions.append(1) or live_rows(self))
+    data = _data(0, rising=True)
+    _assert_matches(_run(*data, 2, 1), _brute_force(*data, 2))
+    assert len(compactions) >= 5  # the renumbering path ran while streaming, not only in state()
 
 
 def test_merge_of_merges_matches_brute_force(data):

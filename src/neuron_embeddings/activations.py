@@ -186,11 +186,13 @@ def cache_shard(
     """
     model, tokenizer, info, device = _load_for_caching(model_dir, layers, settings, trust_remote_code)
     before, after = settings.context_before, settings.context_after
+    x_dtype = DTYPES[settings.store_dtype]
     accumulators: dict[int, Any] = {}
     for layer in layers:
         if settings.mode == "top_k":
             accumulators[layer] = TopKAccumulator(
-                info.n_neurons, info.d_model, info.n_projections, settings.top_k, before, after, settings.histogram_stride
+                info.n_neurons, info.d_model, info.n_projections, settings.top_k, before, after, settings.histogram_stride,
+                x_dtype,
             )
         elif settings.mode == "threshold":
             if not stats_paths or layer not in stats_paths:
@@ -199,6 +201,7 @@ def cache_shard(
             accumulators[layer] = ThresholdAccumulator(
                 torch.from_numpy(stats["stat_max"]), info.d_model, info.n_projections, settings.alpha, settings.cap,
                 before, after, settings.seed, settings.quantile_bins, settings.quantile_per_bin, settings.histogram_stride,
+                x_dtype,
             )
         else:
             raise PipelineError(f"selection.mode: unknown mode '{settings.mode}' (top_k, threshold)")

@@ -631,6 +631,7 @@ def cache_sae_shard(
     pass-1 statistics of its latents (stats_only) or its latents' selected examples, in the files and layout the
     neurons' caching writes (activations.stats_shard / cache_shard), so selection.merge_layer merges them."""
     from .activations import StatsOnly, stream_shard
+    from .models import DTYPES
     from .storage import load_tensors, provenance, save_tensors
     from .topk import ThresholdAccumulator, TopKAccumulator
 
@@ -645,7 +646,8 @@ def cache_sae_shard(
         if stats_only:
             acc = StatsOnly(sae.d_sae, settings.histogram_stride)
         elif settings.mode == "top_k":
-            acc = TopKAccumulator(sae.d_sae, sae.d_in, 1, settings.top_k, before, after, settings.histogram_stride)
+            acc = TopKAccumulator(sae.d_sae, sae.d_in, 1, settings.top_k, before, after, settings.histogram_stride,
+                                  DTYPES[settings.store_dtype])
         elif settings.mode == "threshold":
             if not stats_paths or name not in stats_paths:
                 raise PipelineError(f"selection.mode: threshold needs the merged statistics of SAE '{name}'")
@@ -654,7 +656,8 @@ def cache_sae_shard(
             # A latent that never fired has max 0: a floor above every activation leaves it without examples.
             top = torch.where(top > 0, top, torch.finfo(torch.float32).max / 2)
             acc = ThresholdAccumulator(top, sae.d_in, 1, settings.alpha, settings.cap, before, after, settings.seed,
-                                       settings.quantile_bins, settings.quantile_per_bin, settings.histogram_stride)
+                                       settings.quantile_bins, settings.quantile_per_bin, settings.histogram_stride,
+                                       DTYPES[settings.store_dtype])
         else:
             raise PipelineError(f"selection.mode: unknown mode '{settings.mode}' (top_k, threshold)")
         accumulators[name] = acc
