@@ -80,6 +80,11 @@ def accumulators(info, layers, args, kind: str, max_activation: dict | None = No
                                         args.cap, 20, 10, x_dtype=DTYPES[args.store_dtype]) for layer in layers}
 
 
+def selects(accs: dict) -> bool:
+    """Whether these accumulators keep examples (pass 1's statistics-only ones do not)."""
+    return hasattr(next(iter(accs.values())), "examples")
+
+
 def caching_step(model, info, layers, args, accs: dict):
     adapter = adapter_for(model)
     body = adapter.body(model)
@@ -188,13 +193,13 @@ def main() -> None:
             rate(step, warm)  # towards the steady state a real run spends nearly all its tokens in
         # The limit of a long run, where almost no token still enters a selection: the same paths with every
         # kept set full of +inf keys, so what remains is the fixed cost per token (hooks, statistics, the test).
-        for label in [label for label, (_, accs) in paths.items() if hasattr(next(iter(accs.values())), "examples")]:
+        for label in [label for label, (_, a) in paths.items() if selects(a)]:
             limit = {layer: copy.deepcopy(acc) for layer, acc in paths[label][1].items()}
             for acc in limit.values():
                 acc.examples.keys.fill_(float("inf"))
             paths[f"{label}, long-run limit"] = (caching_step(model, info, layers, args, limit), limit)
         kept_before = {label: [acc.examples.tokens.clone() for acc in a.values()]
-                       for label, (_, a) in paths.items() if hasattr(next(iter(a.values())), "examples")}
+                       for label, (_, a) in paths.items() if selects(a)}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         bare_rates, path_rates = [], {label: [] for label in paths}
@@ -255,10 +260,9 @@ def main() -> None:
             child = json.loads(out.stdout.strip().splitlines()[-1])
             peaks.append(child["maxrss_kib"])
             rows.append(child["x_rows"])
-        mem_layers = parse_layers(args.layers, info)
         # Live rows: at most one per kept entry; the buffer adds half again plus one batch (topk.ExampleSet).
-        bound = len(mem_layers) * 3 * (info.n_neurons * args.top_k + args.batch_size * args.window) // 2
-        print(f"peak RSS caching {len(mem_layers)} layers, {args.tokens} tokens: {peaks[0] / 1024:.0f} MiB "
+        bound = len(layers) * 3 * (info.n_neurons * args.top_k + args.batch_size * args.window) // 2
+        print(f"peak RSS caching {len(layers)} layers, {args.tokens} tokens: {peaks[0] / 1024:.0f} MiB "
               f"({rows[0]} x rows held); {10 * args.tokens} tokens: {peaks[1] / 1024:.0f} MiB ({rows[1]} x rows); "
               f"ratio {peaks[1] / peaks[0]:.3f}   (target <= 1.1; the x store never holds more than {bound} rows, "
               f"{bound * info.d_model * (2 if args.store_dtype == 'float16' else 4) / 2**20:.0f} MiB, whatever the corpus)")
