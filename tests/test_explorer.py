@@ -100,7 +100,7 @@ def test_analyses_outputs(explorer_run):
         assert sim.column("rank").to_numpy().max() < 5
         # ...and exactly the links of the central examples' x, as the selection file holds them.
         state, meta = load_tensors(run / f"selection/layer-{layer}.safetensors")
-        x = selected_entries(state, meta["settings"]["mode"])["x"]
+        x = selected_entries(state, meta["settings"]["mode"], meta["cache_settings"].get("sign", "positive"))["x"]
         central = t["clusters"].filter(t["clusters"].column("is_central"))
         distinct, rows = np.unique(x[t["clusters"].column("is_central").to_numpy(zero_copy_only=False)], axis=0, return_inverse=True)
         links = link_clusters(rows.reshape(-1), distinct, central.column("neuron").to_numpy(), central.column("cluster").to_numpy(), 5, 0.3, "sklearn")

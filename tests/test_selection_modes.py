@@ -129,13 +129,14 @@ def test_histogram_counts_every_valid_token():
         assert torch.equal(merged["stat_max"], a.max(0).values)
 
 
-def test_threshold_mode_workflow_matches_brute_force_on_tiny_model(tiny_llama, tmp_path):
+@pytest.mark.parametrize("sign", ["auto", "positive"])
+def test_threshold_mode_workflow_matches_brute_force_on_tiny_model(tiny_llama, tmp_path, sign):
     """The real workflow in threshold mode (two passes, quantile bins) against a plain forward over the corpus."""
     from transformers import AutoModelForCausalLM
 
     corpus = write_corpus(tmp_path / "corpus", repeats=3)
     config = tiny_config(tiny_llama, corpus, run="threshold", layers=[1])
-    config["selection"] = {"mode": "threshold", "alpha": 0.5, "cap": 4, "seed": 7,
+    config["selection"] = {"mode": "threshold", "alpha": 0.5, "cap": 4, "seed": 7, "sign": sign,
                            "quantiles": {"bins": 2, "per_bin": 2}, "context_before": 3, "context_after": 2}
     run_snakemake(tmp_path, config)
     run = tmp_path / "results/threshold"
@@ -158,9 +159,11 @@ def test_threshold_mode_workflow_matches_brute_force_on_tiny_model(tiny_llama, t
     acts = torch.stack(acts)
     tokens = torch.tensor(tokens)
     max_act = acts.max(0).values
-    floor = eligibility_floor(max_act, 0.5)
+    # auto on a gated (Llama) MLP means both signs: ranked by |activation|
+    scores = acts.abs() if sign in ("both", "auto") else acts
+    floor = eligibility_floor(scores.max(0).values, 0.5)
     for n in range(acts.shape[1]):
-        rows = (acts[:, n] >= floor[n]).nonzero(as_tuple=True)[0]
+        rows = (scores[:, n] >= floor[n]).nonzero(as_tuple=True)[0]
         keys = priority(tokens[rows], torch.full_like(tokens[rows], n), 7)
         order = sorted(range(len(rows)), key=lambda i: (keys[i].item(), tokens[rows[i]].item()))
         want = sorted(tokens[rows[i]].item() for i in order[:4])
@@ -168,8 +171,12 @@ def test_threshold_mode_workflow_matches_brute_force_on_tiny_model(tiny_llama, t
         assert got == want, n
         mine = [r for r in emb if r["neuron"] == n]
         assert [r["example_rank"] for r in mine] == list(range(len(mine)))
-        assert all(np.diff([r["activation"] for r in mine]) <= 0)
+        strength = [abs(r["activation"]) if sign != "positive" else r["activation"] for r in mine]
+        assert all(np.diff(strength) <= 0)
         for r in mine:
             assert abs(r["activation"] - acts[tokens == r["token_index"], n].item()) < 1e-4
     metrics = pq.read_table(run / "metrics/layer-1.parquet").to_pydict()
     assert np.allclose(metrics["max_activation"], max_act.numpy()[metrics["neuron"]], atol=1e-5)
+    assert np.allclose(metrics["min_activation"], acts.min(0).values.numpy()[metrics["neuron"]], atol=1e-5)
+    if sign != "positive":  # a random gated MLP fires about as often below zero: both signs are examples
+        assert any(r["activation"] < 0 for r in emb) and any(r["activation"] > 0 for r in emb)

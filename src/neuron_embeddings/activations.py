@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 from . import schemas
 from .adapters import MLPCapture, adapter_for, run_capture
 from .errors import PipelineError
-from .models import DTYPES, load_prepared, pick_device
+from .models import DTYPES, load_prepared, pick_device, read_manifest
 from .storage import load_tensors, provenance, read_parquet, save_tensors
-from .topk import Stats, ThresholdAccumulator, TopKAccumulator, make_batch
+from .topk import Stats, ThresholdAccumulator, TopKAccumulator, make_batch, score_max
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,16 @@ class CacheSettings:
     quantile_per_bin: int = 0
     seed: int = 0
     histogram_stride: int = 8  # histograms count 1 token in this many (by token index); 1 = every token
+    sign: str = "auto"  # which activations are examples: positive, negative, both (|a|); auto: see resolve_sign
+
+
+def resolve_sign(sign: str, info: Any) -> str:
+    """auto: both signs for a gated MLP, whose act(gate) * up is as strong below zero as above (the output
+    projection reads either sign), and the positive side for GELU/ReLU neurons, whose negative side is bounded
+    (GELU's minimum is -0.17) and carries next to nothing."""
+    if sign != "auto":
+        return sign
+    return "both" if int(info.n_projections) == 2 else "positive"
 
 
 def check_layers(layers: list[int], n_layers: int, model_name: str) -> None:
@@ -124,8 +134,10 @@ def stream_shard(
 
 
 def _load_for_caching(model_dir, layers, settings, trust_remote_code):
-    model, tokenizer, info = load_prepared(model_dir, trust_remote_code)
+    info = read_manifest(model_dir)
     check_layers(layers, info.n_layers, info.architecture)
+    # Blocks past the deepest cached layer are never built: the forward stops there anyway.
+    model, tokenizer, info = load_prepared(model_dir, trust_remote_code, up_to_layer=max(layers))
     device = pick_device(settings.device)
     model.to(device=device, dtype=DTYPES[settings.dtype])
     return model, tokenizer, info, device
@@ -151,6 +163,7 @@ def stats_shard(
     """Pass 1 of the threshold selection: per-neuron max, mean, positive count and histogram, nothing else."""
     model, tokenizer, info, device = _load_for_caching(model_dir, layers, settings, trust_remote_code)
     accumulators = {layer: StatsOnly(info.n_neurons, settings.histogram_stride) for layer in layers}
+    settings = replace(settings, sign=resolve_sign(settings.sign, info))
     result = stream_shard(model, tokenizer, info, shard_path, layers, accumulators, settings, device, shard, f"stats shard {shard}")
     meta = provenance("activation_stats", asdict(settings), model=asdict(info), shard=shard, device=str(device), **result)
     _save_states(accumulators, out_paths, meta, settings.store_dtype)
@@ -185,6 +198,7 @@ def cache_shard(
     top_k mode needs nothing else; threshold mode needs the merged pass-1 statistics of each layer.
     """
     model, tokenizer, info, device = _load_for_caching(model_dir, layers, settings, trust_remote_code)
+    settings = replace(settings, sign=resolve_sign(settings.sign, info))
     before, after = settings.context_before, settings.context_after
     x_dtype = DTYPES[settings.store_dtype]
     accumulators: dict[int, Any] = {}
@@ -192,16 +206,16 @@ def cache_shard(
         if settings.mode == "top_k":
             accumulators[layer] = TopKAccumulator(
                 info.n_neurons, info.d_model, info.n_projections, settings.top_k, before, after, settings.histogram_stride,
-                x_dtype,
+                x_dtype, sign=settings.sign,
             )
         elif settings.mode == "threshold":
             if not stats_paths or layer not in stats_paths:
                 raise PipelineError(f"selection.mode: threshold needs the merged statistics of layer {layer}")
             stats, _ = load_tensors(stats_paths[layer])
             accumulators[layer] = ThresholdAccumulator(
-                torch.from_numpy(stats["stat_max"]), info.d_model, info.n_projections, settings.alpha, settings.cap,
+                score_max(stats, settings.sign), info.d_model, info.n_projections, settings.alpha, settings.cap,
                 before, after, settings.seed, settings.quantile_bins, settings.quantile_per_bin, settings.histogram_stride,
-                x_dtype,
+                x_dtype, sign=settings.sign,
             )
         else:
             raise PipelineError(f"selection.mode: unknown mode '{settings.mode}' (top_k, threshold)")

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .adapters import ARCHITECTURES
+from .adapters import UNSUPPORTED
 from .errors import PipelineError
 from .sources import MANIFEST, ModelSource, check_gguf, resolve
 
@@ -93,12 +93,17 @@ def check_model(config: dict[str, Any], prepared_model: str | os.PathLike | None
     spec = ModelSource.from_config(config["model"])
     cfg, _ = _model_config(spec)
     if cfg is not None:
+        # Any family whose MLP can be found and verified works (prepare_model decides, before the weights are
+        # read); only those that cannot work at all are refused here, before any job starts.
         model_type = cfg.get("model_type")
-        if model_type not in ARCHITECTURES:
-            arch = ", ".join(cfg.get("architectures") or []) or "?"
+        if model_type in UNSUPPORTED:
+            raise PipelineError(f"model.source: model_type '{model_type}' is not supported: {UNSUPPORTED[model_type]}")
+        architectures = cfg.get("architectures") or []
+        causal = any(a.endswith(("CausalLM", "LMHeadModel")) for a in architectures)
+        if cfg.get("is_encoder_decoder") or (architectures and not causal and not cfg.get("is_decoder")):
             raise PipelineError(
-                f"model.source: no adapter for architecture {arch} (model_type '{model_type}'); "
-                f"supported model types: {', '.join(sorted(ARCHITECTURES))}"
+                f"model.source: {', '.join(architectures) or model_type} (model_type '{model_type}') is not a "
+                "decoder-only causal language model, which the method's caching needs (causal attention)"
             )
         positions = next((cfg[k] for k in ("max_position_embeddings", "n_positions") if k in cfg), None)
         window = config["corpus"]["window_tokens"]

@@ -15,10 +15,8 @@ import pyarrow as pa
 import torch
 
 from . import schemas
-from .activations import load_windows
-from .adapters import adapter_for
 from .errors import PipelineError
-from .models import load_prepared
+from .models import layer_input_weights, load_tokenizer, read_manifest
 from .storage import load_tensors, provenance, read_parquet, write_parquet
 
 # Relative tolerance on |sum(e) + b - pre| against sum(|e|): float32 accumulation error is ~1e-7 per term.
@@ -29,9 +27,9 @@ def worst_dtype(*dtypes: str) -> str:
     return max(dtypes, key=lambda d: TOLERANCE[d])
 
 
-def selected_entries(state: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
+def selected_entries(state: dict[str, np.ndarray], mode: str, sign: str = "positive") -> dict[str, np.ndarray]:
     """Every kept example of a selection file, main set and quantile bins together, ordered by neuron and then
-    by activation (descending; ties by token), with x gathered from each set's store."""
+    by the selection's score of the activation (descending; ties by token), with x gathered from each set's store."""
     parts = []
     for prefix, label in (("", mode), ("quantile.", "quantile")):
         if f"{prefix}values" not in state:
@@ -50,7 +48,9 @@ def selected_entries(state: dict[str, np.ndarray], mode: str) -> dict[str, np.nd
             "sample": np.array(sample, dtype=object),
         })
     joined = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    order = np.lexsort((joined["token"], -joined["value"].astype(np.float64), joined["neuron"]))
+    value = joined["value"].astype(np.float64)
+    strength = {"positive": value, "negative": -value, "both": np.abs(value)}[sign]
+    order = np.lexsort((joined["token"], -strength, joined["neuron"]))
     joined = {key: value[order] for key, value in joined.items()}
     starts = np.searchsorted(joined["neuron"], joined["neuron"], side="left")
     joined["rank"] = np.arange(len(order)) - starts
@@ -128,11 +128,12 @@ def build_embeddings(
     cache_settings = sel_meta["cache_settings"]
     T = int(cache_settings["window_tokens"])
     before = int(cache_settings["context_before"])
-    model, tokenizer, info = load_prepared(model_dir, trust_remote_code)
-    if weights is None:
-        weights = adapter_for(model).input_weights(model, layer)
+    info = read_manifest(model_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    if weights is None:  # this layer's tensors only, read by name: memory for one layer, not the model
+        weights = layer_input_weights(model_dir, layer, trust_remote_code)
 
-    entries = selected_entries(state, sel_meta["settings"].get("mode", "top_k"))
+    entries = selected_entries(state, sel_meta["settings"].get("mode", "top_k"), cache_settings.get("sign", "positive"))
     neuron, x = entries["neuron"], entries["x"].astype(np.float32)
     segments = [x * w.numpy()[neuron] for w, _ in weights]
     embedding = np.concatenate(segments, axis=1).astype(np.float32)

@@ -203,7 +203,7 @@ def compute_importance(
         table = table.filter(pc.is_in(table.column("window"), needed))
         input_ids.update(zip(table.column("window").to_pylist(), table.column("input_ids").to_pylist()))
 
-    model, tokenizer, info = load_prepared(model_dir, trust_remote_code)
+    model, tokenizer, info = load_prepared(model_dir, trust_remote_code, up_to_layer=layer)
     device = pick_device(settings.device)
     model.to(device=device, dtype=DTYPES[settings.dtype])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

@@ -53,6 +53,7 @@ def layer_metrics(
                 "neuron": neuron,
                 **neuron_metrics(emb[start:stop], labels[start:stop]),
                 "max_activation": float(state["stat_max"][neuron]),
+                "min_activation": float(state["stat_min"][neuron]),
                 "mean_activation": float(state["stat_sum"][neuron] / n_tokens),
                 "frac_positive": float(state["stat_positive"][neuron] / n_tokens),
             }
@@ -66,12 +67,16 @@ def layer_metrics(
 def summarize_layer(metrics: pa.Table) -> dict[str, Any]:
     clusters = metrics.column("n_clusters").to_numpy()
     mean_distance = np.array([v for v in metrics.column("mean_distance").to_pylist() if v is not None])
+    highest = metrics.column("max_activation").to_numpy()
+    lowest = metrics.column("min_activation").to_numpy()
     return {
         "neurons": int(metrics.num_rows),
         "clusters_per_neuron_mean": float(clusters.mean()) if clusters.size else None,
         "clusters_per_neuron_median": float(np.median(clusters)) if clusters.size else None,
         "frac_polysemantic": float((clusters > 1).mean()) if clusters.size else None,
         "mean_distance_median": float(np.median(mean_distance)) if mean_distance.size else None,
+        # neurons whose largest |activation| over the corpus is negative (gated MLPs: act(gate) * up)
+        "negative_dominant_share": float((-lowest > highest).mean()) if highest.size else None,
     }
 
 

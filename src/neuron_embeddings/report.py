@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 from typing import Any
 
@@ -43,9 +44,11 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 
 def describe_selection(sel: dict[str, Any]) -> str:
+    sign = sel.get("sign", "positive")
+    what = {"positive": "activation", "negative": "-activation", "both": "|activation|"}.get(sign, "activation")
     if sel.get("mode", "top_k") == "top_k":
-        return f"top_k: the {sel.get('top_k', 20)} strongest examples per neuron (ties broken by corpus position)"
-    text = (f"threshold: every example with activation >= {sel.get('alpha', 0.75)} x the neuron's max over the corpus, "
+        return f"top_k: the {sel.get('top_k', 20)} strongest examples per neuron by {what} (ties broken by corpus position)"
+    text = (f"threshold: every example with {what} >= {sel.get('alpha', 0.75)} x its max over the corpus, "
             f"at most {sel.get('cap', 200)} per neuron (a uniform sample, seed {sel.get('seed', 0)})")
     q = sel.get("quantiles") or {}
     if q.get("bins") and q.get("per_bin"):
@@ -77,15 +80,20 @@ def layer_figure(metrics: pa.Table, layer: int) -> str:
 
 
 def render_example(tokens: list[str], acts: list[float], center: int, scale: float) -> str:
+    """One example: tokens shaded by the neuron's activation, orange above zero and blue below, the
+    activation at the max token (with its sign) in front."""
     spans = []
     for i, (token, act) in enumerate(zip(tokens, acts)):
-        alpha = 0.0 if scale <= 0 or act is None else max(0.0, min(1.0, act / scale))
+        value = 0.0 if act is None or not math.isfinite(act) else act
+        alpha = 0.0 if scale <= 0 else max(0.0, min(1.0, abs(value) / scale))
+        rgb = "255,120,0" if value >= 0 else "40,110,255"
         cls = "tok max" if i == center else "tok"
         spans.append(
-            f'<span class="{cls}" style="background:rgba(255,120,0,{alpha:.2f})" '
-            f'title="{esc(f"{token!r}: {act:.3f}")}">{show_token(token)}</span>'
+            f'<span class="{cls}" style="background:rgba({rgb},{alpha:.2f})" '
+            f'title="{esc(f"{token!r}: {value:.3f}")}">{show_token(token)}</span>'
         )
-    return '<div class="ex">' + "".join(spans) + "</div>"
+    at_max = acts[center] if 0 <= center < len(acts) and acts[center] is not None else float("nan")
+    return f'<div class="ex"><span class="muted">{at_max:+.2f}</span> ' + "".join(spans) + "</div>"
 
 
 def pick_neurons(metrics: pa.Table, count: int) -> tuple[list[int], list[int]]:
@@ -100,13 +108,14 @@ def pick_neurons(metrics: pa.Table, count: int) -> tuple[list[int], list[int]]:
 
 
 def neuron_section(neuron: int, metric: dict[str, Any], examples: list[dict[str, Any]], per_cluster: int) -> str:
-    scale = max((e["activation"] for e in examples), default=1.0)
+    scale = max((abs(e["activation"]) for e in examples), default=1.0)
     parts = [
         f'<div class="neuron" id="n{neuron}"><h3>neuron {neuron}</h3>',
         f'<p class="muted">{metric["size"]} examples, {metric["n_clusters"]} clusters, '
         f'mean distance {fmt(metric["mean_distance"])}, max {fmt(metric["max_distance"])}, '
         f'intra {fmt(metric["mean_intra_distance"])}, inter {fmt(metric["mean_inter_distance"])}, '
-        f'max activation {fmt(metric["max_activation"])}</p>',
+        f'activation over the corpus from {fmt(metric.get("min_activation"))} to {fmt(metric["max_activation"])}; '
+        f'{sum(e["activation"] < 0 for e in examples)} of the examples negative</p>',
     ]
     by_cluster: dict[int, list[dict[str, Any]]] = {}
     for e in examples:
@@ -211,19 +220,20 @@ def write_report(
         f'd_model {esc(model.get("d_model"))}, activation {esc(model.get("activation"))})</td></tr>',
         f'<tr><th class="l">corpus</th><td class="l">{documents.num_rows} documents, {tokens} document tokens read; '
         f'windows of {esc(cache.get("window_tokens"))} tokens</td></tr>',
-        f'<tr><th class="l">selection</th><td class="l">{esc(describe_selection(sel))}; compute dtype '
+        f'<tr><th class="l">selection</th><td class="l">{esc(describe_selection({**sel, "sign": cache.get("sign", "positive")}))}; compute dtype '
         f'{esc(cache.get("dtype"))}, stored x {esc(cache.get("store_dtype", "float32"))}</td></tr>',
         f'<tr><th class="l">clustering</th><td class="l">{esc(settings.get("clustering", {}).get("method", "threshold_graph"))}, '
         f'cosine-similarity threshold {esc(json.dumps(settings.get("clustering", {}).get("threshold")))}</td></tr>',
         "</table>",
         "<h2>Summary</h2><table><tr><th>layer</th><th>neurons</th><th>clusters per neuron (mean)</th>"
-        "<th>median</th><th>polysemantic (&gt;1 cluster)</th><th>median mean distance</th></tr>",
+        "<th>median</th><th>polysemantic (&gt;1 cluster)</th><th>median mean distance</th>"
+        "<th>largest |activation| negative</th></tr>",
     ]
     for layer, row in sorted(summary["layers"].items(), key=lambda item: int(item[0])):
         body.append(
             f"<tr><td>{esc(layer)}</td><td>{row['neurons']}</td><td>{fmt(row['clusters_per_neuron_mean'], 2)}</td>"
             f"<td>{fmt(row['clusters_per_neuron_median'], 1)}</td><td>{fmt(row['frac_polysemantic'], 3)}</td>"
-            f"<td>{fmt(row['mean_distance_median'])}</td></tr>"
+            f"<td>{fmt(row['mean_distance_median'])}</td><td>{fmt(row.get('negative_dominant_share'), 3)}</td></tr>"
         )
     body.append("</table>")
     for layer in sorted(metrics_paths):

@@ -483,12 +483,16 @@ def _stream_settings(window_tokens: int, compute: dict[str, Any]):
                          dtype=compute.get("dtype", "float32"))
 
 
-def _load_model(model_dir, layers: list[int], device_name: str, dtype: str, trust_remote_code: bool):
+def _load_model(model_dir, layers: list[int], device_name: str, dtype: str, trust_remote_code: bool,
+                whole: bool = False):
+    """The model on its device; only its blocks up to the deepest of `layers` unless the whole model is needed
+    (the LM loss of the evaluation)."""
     from .activations import check_layers
-    from .models import DTYPES, load_prepared, pick_device
+    from .models import DTYPES, load_prepared, pick_device, read_manifest
 
-    model, tokenizer, info = load_prepared(model_dir, trust_remote_code)
+    info = read_manifest(model_dir)
     check_layers(layers, info.n_layers, info.architecture)
+    model, tokenizer, info = load_prepared(model_dir, trust_remote_code, up_to_layer=None if whole else max(layers))
     device = pick_device(device_name)
     model.to(device=device, dtype=DTYPES[dtype])
     return model, tokenizer, info, device
@@ -750,11 +754,11 @@ def evaluate_sae(
     from .storage import load_tensors, provenance, write_json
 
     stream = _stream_settings(0, compute)
-    model, tokenizer, info, device = _load_model(model_dir, [layer], stream.device, stream.dtype, trust_remote_code)
+    model, tokenizer, info, device = _load_model(model_dir, [layer], stream.device, stream.dtype, trust_remote_code, whole=True)
     sae = load_sae(sae_dir, device)
     check_fits(sae, layer, info.n_neurons, f"SAE '{name}'")
     adapter = adapter_for(model)
-    out_proj = adapter.projection(model, layer, adapter.spec.out_proj)
+    out_proj = adapter.out_projection(model, layer)
     windows = set(held_out_windows(shard_paths, eval_tokens, seed).tolist())
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batch_size = 16 if stream.batch_size == "auto" else int(stream.batch_size)

@@ -43,7 +43,7 @@ EMBEDDINGS = pa.schema(
         pa.field("doc_position", pa.int32(), nullable=False),  # token position inside the document
         pa.field("token_id", pa.int32(), nullable=False),
         pa.field("token", pa.string(), nullable=False),  # decoded text of the max-activating token
-        pa.field("activation", pa.float32(), nullable=False),  # the neuron's activation there
+        pa.field("activation", pa.float32(), nullable=False),  # the neuron's activation there, with its sign
         pa.field("pre_activations", _F32_LIST, nullable=False),  # per input projection, as the model computed
         pa.field("biases", _F32_LIST, nullable=False),  # per input projection (0 where the layer has none)
         pa.field("embedding", _F32_LIST, nullable=False),  # x * w per projection, concatenated
@@ -79,6 +79,7 @@ METRICS = pa.schema(
         pa.field("mean_intra_distance", pa.float32(), nullable=True),  # null when no cluster has two examples
         pa.field("mean_inter_distance", pa.float32(), nullable=True),  # null when there is one cluster
         pa.field("max_activation", pa.float32(), nullable=False),  # over all cached tokens
+        pa.field("min_activation", pa.float32(), nullable=False),  # over all cached tokens
         pa.field("mean_activation", pa.float32(), nullable=False),
         pa.field("frac_positive", pa.float32(), nullable=False),
     ]

@@ -45,7 +45,8 @@ def store_rows(selection_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarra
             indexed[f"{prefix}x"] = (np.arange(len(store)) + offset)[:, None].astype(np.float32)
             stores.append(store)
             offset += len(store)
-    rows = selected_entries(indexed, mode)["x"][:, 0].astype(np.int64)
+    sign = meta.get("cache_settings", {}).get("sign", "positive")
+    rows = selected_entries(indexed, mode, sign)["x"][:, 0].astype(np.int64)
     return rows, np.concatenate(stores).astype(np.float32)
 
 

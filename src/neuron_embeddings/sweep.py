@@ -144,6 +144,7 @@ def summary_table(
                 "clusters_per_neuron_median": s["clusters_per_neuron_median"],
                 "frac_polysemantic": round(s["frac_polysemantic"] or 0, 3),
                 "mean_distance_median": round(s["mean_distance_median"] or 0, 3),
+                "negative_dominant_share": round(s.get("negative_dominant_share") or 0, 3),
                 "sweep_mean_clusters": " ".join(f"{t:g}:{m:.2f}" for t, m in zip(curve["threshold"], curve["mean"])),
                 "clusters_with_similar_features": linked,
                 "importance_examples": importance.num_rows,

@@ -11,11 +11,16 @@ a brute force over the whole corpus:
   reservoir sample that merges exactly across shards).
 - quantiles: per neuron, a few entries from each of several activation bins below alpha x max, sampled the
   same way, so polysemanticity below the very top stays visible.
+
+Every selection ranks by a *score* of the activation a, by the selection's sign: a (positive), -a (negative) or
+|a| (both), so a gated neuron's strong negative activations can be its examples too. What is stored is always
+the activation itself, with its sign.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,6 +34,8 @@ HIST_EDGES = torch.cat([-torch.logspace(3, -3, 25, dtype=torch.float64), torch.z
 N_HIST = HIST_EDGES.numel() + 1
 
 MIN_STORE_ROWS = 1024  # the x store's smallest buffer: growing it from nothing would compact on every batch
+
+SIGNS = ("positive", "negative", "both")
 
 _PRIME = 2_147_483_647  # 2^31 - 1: products of two residues stay below 2^62, so int64 never overflows
 
@@ -75,9 +82,20 @@ class Batch:
     rows: torch.Tensor  # [R] indices into B*T of valid tokens, on act's device
     act_flat: torch.Tensor  # [R, N] float32, on act's device
     tok_flat: torch.Tensor  # [R] int64, on act's device
+    score_flat: torch.Tensor  # [R, N]: what the selection ranks by (act_flat itself for the positive sign)
 
 
-def make_batch(act, pre, x, valid, token_index, where: str = "") -> Batch | None:
+def score(act: torch.Tensor, sign: str) -> torch.Tensor:
+    if sign == "positive":
+        return act
+    if sign == "negative":
+        return -act
+    if sign == "both":
+        return act.abs()
+    raise PipelineError(f"selection.sign: unknown sign '{sign}' ({', '.join(SIGNS)})")
+
+
+def make_batch(act, pre, x, valid, token_index, where: str = "", sign: str = "positive") -> Batch | None:
     B, T, N = act.shape
     device = act.device
     valid = valid.to(device)
@@ -85,11 +103,20 @@ def make_batch(act, pre, x, valid, token_index, where: str = "") -> Batch | None
     if rows.numel() == 0:
         return None
     act_flat = act.reshape(B * T, N)[rows].float()
-    return Batch(act, pre, x, valid, rows, act_flat, token_index.to(device).reshape(-1)[rows])
+    return Batch(act, pre, x, valid, rows, act_flat, token_index.to(device).reshape(-1)[rows], score(act_flat, sign))
+
+
+def score_max(stats: dict[str, Any], sign: str) -> torch.Tensor:
+    """Each neuron's largest score over the corpus, from merged statistics (the threshold mode's max)."""
+    high = torch.as_tensor(stats["stat_max"]).float()
+    if sign == "positive":
+        return high
+    low = torch.as_tensor(stats["stat_min"]).float()
+    return -low if sign == "negative" else torch.maximum(high, -low)
 
 
 class Stats:
-    """Per-neuron max, sum, count of positive activations and histogram; and the number of tokens seen.
+    """Per-neuron max, min, sum, count of positive activations and histogram; and the number of tokens seen.
 
     The histogram counts a deterministic 1-in-`histogram_stride` sample of tokens (by global token index), since
     binning every activation would cost as much as the selection itself; the other statistics are exact.
@@ -98,6 +125,7 @@ class Stats:
     def __init__(self, n_neurons: int, histogram_stride: int = 8):
         self.stride = histogram_stride
         self.max = torch.full((n_neurons,), float("-inf"))
+        self.min = torch.full((n_neurons,), float("inf"))
         self.sum = torch.zeros(n_neurons, dtype=torch.float64)
         self.positive = torch.zeros(n_neurons, dtype=torch.int64)
         self.hist = torch.zeros((n_neurons, N_HIST), dtype=torch.int64)
@@ -113,6 +141,7 @@ class Stats:
         if not (torch.isfinite(batch_sum).all() and torch.isfinite(batch_max).all()):
             raise PipelineError(f"{where}: NaN or inf activations (overflow in the model or its dtype?)")
         self.max = torch.maximum(self.max, batch_max.cpu())
+        self.min = torch.minimum(self.min, torch.amin(a, dim=0).cpu())
         self.sum += batch_sum.double().cpu()
         # Counted as a GEMV over a 0/1 matrix (exact in float32 up to 2^24 tokens a batch): 2.6x faster than
         # count_nonzero(a > 0, dim=0) on the CPU here.
@@ -127,7 +156,7 @@ class Stats:
 
     def state(self) -> dict[str, torch.Tensor]:
         return {
-            "stat_max": self.max, "stat_sum": self.sum, "stat_positive": self.positive, "stat_hist": self.hist,
+            "stat_max": self.max, "stat_min": self.min, "stat_sum": self.sum, "stat_positive": self.positive, "stat_hist": self.hist,
             "n_tokens": torch.tensor([self.n_tokens], dtype=torch.int64),
             "hist_stride": torch.tensor([self.stride], dtype=torch.int64),
         }
@@ -136,6 +165,7 @@ class Stats:
 def merge_stats(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {
         "stat_max": torch.stack([s["stat_max"] for s in states]).max(0).values,
+        "stat_min": torch.stack([s["stat_min"] for s in states]).min(0).values,
         "stat_sum": torch.stack([s["stat_sum"] for s in states]).sum(0),
         "stat_positive": torch.stack([s["stat_positive"] for s in states]).sum(0),
         "stat_hist": torch.stack([s["stat_hist"] for s in states]).sum(0),
@@ -299,19 +329,19 @@ class TopKAccumulator:
 
     def __init__(
         self, n_neurons: int, d_model: int, n_proj: int, k: int, context_before: int, context_after: int,
-        histogram_stride: int = 8, x_dtype: torch.dtype = torch.float32,
+        histogram_stride: int = 8, x_dtype: torch.dtype = torch.float32, sign: str = "positive",
     ):
-        self.k = k
+        self.k, self.sign = k, sign
         self.stats = Stats(n_neurons, histogram_stride)
         offsets = torch.arange(-context_before, context_after + 1)
         self.examples = ExampleSet(n_neurons, 1, d_model, n_proj, k, offsets, x_dtype)
 
     def update(self, act, pre, x, valid, token_index, where: str = "") -> None:
-        batch = make_batch(act, pre, x, valid, token_index, where)
+        batch = make_batch(act, pre, x, valid, token_index, where, self.sign)
         if batch is None:
             return
         self.stats.update(batch, where)
-        a = batch.act_flat
+        a = batch.score_flat
         # Only entries at or above the kept k-th value can enter. Once the sets are full that is a handful per
         # batch; before (or when it would still admit many), the batch's own k-th value bounds them too.
         threshold = self.examples.kth_key().float().to(a.device)
@@ -337,11 +367,12 @@ class ThresholdAccumulator:
     def __init__(
         self, max_activation: torch.Tensor, d_model: int, n_proj: int, alpha: float, cap: int,
         context_before: int, context_after: int, seed: int = 0, bins: int = 0, per_bin: int = 0,
-        histogram_stride: int = 8, x_dtype: torch.dtype = torch.float32,
+        histogram_stride: int = 8, x_dtype: torch.dtype = torch.float32, sign: str = "positive",
     ):
+        """`max_activation` is each neuron's largest score over the corpus (score_max of pass 1's statistics)."""
         n = max_activation.numel()
         offsets = torch.arange(-context_before, context_after + 1)
-        self.alpha, self.seed, self.bins = alpha, seed, bins
+        self.alpha, self.seed, self.bins, self.sign = alpha, seed, bins, sign
         self.max = max_activation.float()
         self.floor = eligibility_floor(self.max, alpha)
         self.stats = Stats(n, histogram_stride)
@@ -349,11 +380,11 @@ class ThresholdAccumulator:
         self.quantiles = ExampleSet(n * bins, bins, d_model, n_proj, per_bin, offsets, x_dtype) if bins and per_bin else None
 
     def update(self, act, pre, x, valid, token_index, where: str = "") -> None:
-        batch = make_batch(act, pre, x, valid, token_index, where)
+        batch = make_batch(act, pre, x, valid, token_index, where, self.sign)
         if batch is None:
             return
         self.stats.update(batch, where)
-        a = batch.act_flat
+        a = batch.score_flat
         if self.floor.device != a.device:
             self.floor = self.floor.to(a.device)
         row, neuron = (a >= self.floor[None, :]).nonzero(as_tuple=True)

@@ -110,6 +110,7 @@ def cache_selection_params():
     """Only the selection settings the active mode uses, so changing another mode's keys reruns nothing."""
     common = {
         "mode": SELECTION_MODE,
+        "sign": SELECTION.get("sign", "auto"),
         "context_before": SELECTION.get("context_before", 20),
         "context_after": SELECTION.get("context_after", 10),
     }

@@ -191,7 +191,9 @@
       span.style.backgroundColor = mode === "importance" ? colour(imp, 1, "importance") : colour(act, neuronData.scale, "activation");
       (j < example.c ? parts.before : parts.after).append(span);
     });
-    const label = "#" + example.r + "  " + fmt(example.a, 2) + (example.s ? "  " + example.s : "");
+    // The sign is part of the example: a gated neuron's negative examples (selection.sign both or negative)
+    const label = "#" + example.r + "  " + (example.a < 0 ? "\u2212" + fmt(-example.a, 2) + " (negative)" : "+" + fmt(example.a, 2)) +
+      (example.s ? "  " + example.s : "");
     const meta = el("span", { class: "meta", text: label });
     meta.title = "example rank " + example.r + (central ? " (the cluster's central example)" : "") + ", activation " + fmt(example.a) +
       "\ndocument " + example.d + ", token " + example.p + ": " + (block.origins[String(example.d)] || "") +
@@ -208,7 +210,7 @@
       ["examples", "size"], ["feature clusters", "n_clusters"], ["largest cluster share", "largest_cluster_share"],
       ["mean pairwise distance", "mean_distance"], ["max pairwise distance", "max_distance"],
       ["mean intra-cluster distance", "mean_intra_distance"], ["mean inter-cluster distance", "mean_inter_distance"],
-      ["max activation (corpus)", "max_activation"], ["mean activation (corpus)", "mean_activation"], ["share positive", "frac_positive"],
+      ["max activation (corpus)", "max_activation"], ["min activation (corpus)", "min_activation"], ["mean activation (corpus)", "mean_activation"], ["share positive", "frac_positive"],
     ];
     const table = el("table", { class: "metrics" });
     rows.forEach(function (r) {
