@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-VOCAB = 128
-_SPECIAL = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+VOCAB = 320  # above the test tokenizer's 300 tokens (conftest.make_tokenizer)
+_SPECIAL = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 _LLAMA_LIKE = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
                    intermediate_size=48, max_position_embeddings=64)
 _MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
@@ -41,10 +41,24 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def tiny_config(family: str):
+MOE = ("mixtral", "qwen2_moe", "olmoe")
+DENSE = tuple(family for family in CONFIGS if family not in MOE)
+
+
+def tiny_config(family: str, vocab: int = VOCAB):
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(family, **CONFIGS[family], **_SPECIAL)
+    return AutoConfig.for_model(family, **CONFIGS[family], **_SPECIAL, vocab_size=vocab)
+
+
+def save_tiny_model(folder, family: str, seed: int = 0):
+    """A tiny model of the family with the test tokenizer, saved like any user's local checkpoint."""
+    from conftest import make_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(folder)
+    tiny_model(family, seed).save_pretrained(folder)
+    return folder
 
 
 def tiny_model(family: str, seed: int = 0):

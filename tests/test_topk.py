@@ -106,7 +106,7 @@ def _data(seed: int = 0, rising: bool = False):
     return act, pre, x, valid, token_index
 
 
-def _brute_force(act, pre, x, valid, token_index, k):
+def _brute_force(act, pre, x, valid, token_index, k, sign="positive"):
     offsets = list(range(-BEFORE, AFTER + 1))
     out = {
         "values": torch.full((N, k), float("-inf")),
@@ -118,7 +118,8 @@ def _brute_force(act, pre, x, valid, token_index, k):
     }
     cells = [(w, p) for w in range(W) for p in range(T) if bool(valid[w, p])]
     for n in range(N):
-        ranked = sorted(cells, key=lambda c: (-float(act[c[0], c[1], n]), int(token_index[c[0], c[1]])))[:k]
+        strength = {"positive": lambda a: a, "negative": lambda a: -a, "both": abs}[sign]
+        ranked = sorted(cells, key=lambda c: (-strength(float(act[c[0], c[1], n])), int(token_index[c[0], c[1]])))[:k]
         for r, (w, p) in enumerate(ranked):
             out["values"][n, r] = act[w, p, n]
             out["tokens"][n, r] = token_index[w, p]
@@ -131,14 +132,15 @@ def _brute_force(act, pre, x, valid, token_index, k):
                     out["context"][n, r, i] = act[w, q, n]
     flat = act[valid]  # [n_valid, N]
     out["stat_max"] = flat.max(0).values
+    out["stat_min"] = flat.min(0).values
     out["stat_sum"] = flat.double().sum(0)
     out["stat_positive"] = (flat > 0).sum(0)
     out["n_tokens"] = int(valid.sum())
     return out
 
 
-def _run(act, pre, x, valid, token_index, k, batch, lo=0, hi=W):
-    acc = topk.TopKAccumulator(N, D, NPROJ, k, BEFORE, AFTER)
+def _run(act, pre, x, valid, token_index, k, batch, lo=0, hi=W, sign="positive"):
+    acc = topk.TopKAccumulator(N, D, NPROJ, k, BEFORE, AFTER, sign=sign)
     for start in range(lo, hi, batch):
         stop = min(start + batch, hi)
         acc.update(act[start:stop], [q[start:stop] for q in pre], x[start:stop], valid[start:stop],
@@ -159,6 +161,7 @@ def _assert_matches(state, ref):
     assert torch.equal(state["context"][both], ref["context"][both])
     # statistics over every valid token
     assert torch.equal(state["stat_max"], ref["stat_max"])
+    assert torch.equal(state["stat_min"], ref["stat_min"])
     assert torch.allclose(state["stat_sum"], ref["stat_sum"], rtol=0, atol=1e-9)
     assert state["stat_sum"].dtype == torch.float64
     assert torch.equal(state["stat_positive"], ref["stat_positive"])
@@ -339,3 +342,24 @@ def test_batches_of_any_width_and_window_order(data, batch):
         acc.update(act[members, :width], [q[members, :width] for q in pre], x[members, :width],
                    valid[members, :width], token_index[members, :width])
     _assert_matches(acc.state(), ref)
+
+
+@pytest.mark.parametrize("sign", ["negative", "both"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_signs_match_brute_force_and_keep_the_activation(data, sign, batch):
+    """negative ranks by -a and both by |a|; what is stored is the activation with its sign."""
+    act, pre, x, valid, token_index = data
+    act = act.clone()
+    act[..., ::2] *= -1  # neurons 0, 2, 4 now fire below zero
+    k = 4
+    state = _run(act, pre, x, valid, token_index, k, batch, sign=sign)
+    ref = _brute_force(act, pre, x, valid, token_index, k, sign=sign)
+    _assert_matches(state, ref)
+    flipped = state["values"][::2]
+    assert (flipped[torch.isfinite(flipped)] < 0).all()  # kept with their sign
+    # merging shards in either order gives the same as one pass
+    half = W // 2
+    parts = [_run(act, pre, x, valid, token_index, k, batch, 0, half, sign=sign),
+             _run(act, pre, x, valid, token_index, k, batch, half, W, sign=sign)]
+    for merged in (topk.merge_states(parts, k), topk.merge_states(parts[::-1], k)):
+        _assert_matches(merged, ref)

@@ -136,6 +136,8 @@ class ModelInfo:
 def describe(model: torch.nn.Module, spec: ModelSource) -> ModelInfo:
     adapter = adapter_for(model)
     layout = adapter.layout
+    act = type(adapter.activation_fn(model, 0)).__name__
+    activation = f"{act}(gate) * up" if layout.gated else act
     return ModelInfo(
         source=spec.source,
         revision=spec.revision,
@@ -145,7 +147,7 @@ def describe(model: torch.nn.Module, spec: ModelSource) -> ModelInfo:
         n_neurons=adapter.n_neurons(model),
         n_projections=len(layout.projections),
         projections=layout.projection_names,
-        activation=layout.describe_activation(),
+        activation=activation,
         family=layout.family,
         parameters=sum(p.numel() for p in model.parameters()),
         layout=layout.to_json(),
@@ -254,9 +256,20 @@ def load_prepared(
     info = read_manifest(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    if up_to_layer is not None:
+    if up_to_layer is not None and up_to_layer + 1 < info.n_layers:
         config = truncated_config(config, up_to_layer + 1)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, trust_remote_code=trust_remote_code)
+        log.info("building blocks 0..%d of %d: the checkpoint's later blocks are skipped on purpose", up_to_layer,
+                 info.n_layers)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report would list every skipped tensor as "UNEXPECTED"
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, trust_remote_code=trust_remote_code)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, trust_remote_code=trust_remote_code)
     model.float().eval()
     adapter_for(model, info.mlp_layout)
     return model, tokenizer, info

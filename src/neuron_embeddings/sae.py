@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -641,6 +641,8 @@ def cache_sae_shard(
 
     layers = sorted({layer for layer, _ in saes.values()})
     model, tokenizer, info, device = _load_model(model_dir, layers, settings.device, settings.dtype, trust_remote_code)
+    # ReLU and TopK latents are never negative: selection.sign applies to the neurons, the latents' is positive
+    settings = replace(settings, sign="positive")
     before, after = settings.context_before, settings.context_after
     accumulators: dict[str, Any] = {}
     feeds: dict[int, list[_LatentFeed]] = {layer: [] for layer in layers}

@@ -14,6 +14,8 @@ rule activation_stats:
     threads: config["activations"].get("threads", 2)
     resources:
         gpu=config["activations"].get("gpus", 1),
+        mem_mb=caching_mem_mb,
+        gpu_mem_mb=caching_gpu_mem_mb,
     log:
         f"{RUN}/logs/activation_stats/{{group}}/shard-{{shard}}.log",
     benchmark:
@@ -60,6 +62,8 @@ rule cache_activations:
     threads: config["activations"].get("threads", 2)
     resources:
         gpu=config["activations"].get("gpus", 1),
+        mem_mb=caching_mem_mb,
+        gpu_mem_mb=caching_gpu_mem_mb,
     log:
         f"{RUN}/logs/cache_activations/{{group}}/shard-{{shard}}.log",
     benchmark:

@@ -16,6 +16,7 @@ rule token_importance:
     threads: config["activations"].get("threads", 2)
     resources:
         gpu=config["activations"].get("gpus", 1),
+        mem_mb=layer_model_mem_mb,
     log:
         f"{RUN}/logs/token_importance/layer-{{layer}}.log",
     benchmark:

@@ -77,6 +77,14 @@ def corpus_files():
     return files
 
 
+def local_model_folder():
+    """The folder of a local (non-GGUF) model source, or None."""
+    from neuron_embeddings.sources import ModelSource, resolve
+
+    folder, gguf = resolve(ModelSource.from_config(config["model"]))
+    return folder if os.path.isdir(folder) and not gguf else None
+
+
 def model_files():
     """The files of a local model (folder or GGUF), as inputs: replacing the weights in place reruns everything.
     A hub id is pinned by model.revision (params) instead."""
@@ -125,6 +133,11 @@ def cache_selection_params():
         "quantile_bins": quantiles.get("bins", 0),
         "quantile_per_bin": quantiles.get("per_bin", 0),
     }
+
+
+def sae_selection_params():
+    """The latents' selection: the neurons' settings but their sign (ReLU and TopK latents are never negative)."""
+    return {key: value for key, value in cache_selection_params().items() if key != "sign"}
 
 
 def selection_k():
@@ -286,3 +299,71 @@ def sae_report_inputs():
 
 def sae_training_settings(wildcards):
     return {**SAES[wildcards.sae]["train"], "eval_tokens": SAE.get("eval_tokens", 2048)}
+
+
+# Memory each job declares (mem_mb, and gpu_mem_mb for the GPU rules), from the prepared model's manifest: so a
+# SLURM run asks for what the job needs. Before prepare_model has run, the functions raise FileNotFoundError on
+# their model input, which Snakemake turns into <TBD> and evaluates again once the model is there.
+from neuron_embeddings import memory
+
+
+def _prepared_shape(input):
+    model_dir = input.model
+    if not (Path(model_dir) / "neuron_embeddings.json").is_file():
+        raise FileNotFoundError(2, "the model is not prepared yet", model_dir)
+    return memory.model_shape(model_dir, None)
+
+
+def _batch_tokens():
+    batch = config["activations"].get("batch_size", 16)
+    return (16 if batch == "auto" else int(batch)) * config["corpus"]["window_tokens"]
+
+
+def _shard_tokens():
+    cap = config["corpus"].get("max_tokens")
+    return -(-int(cap) // len(SHARDS)) if cap else None
+
+
+def _examples_per_neuron():
+    quantiles = SELECTION.get("quantiles") or {}
+    return selection_k() + quantiles.get("bins", 0) * quantiles.get("per_bin", 0)
+
+
+def caching_mem_mb(wildcards, input, attempt):
+    layers = group_layers(wildcards.group)
+    return attempt * memory.caching_mb(
+        _prepared_shape(input), deepest_layer=max(layers), cached_layers=len(layers),
+        examples=_examples_per_neuron(), batch_tokens=_batch_tokens(), shard_tokens=_shard_tokens(),
+        store_dtype=config["activations"].get("store_dtype", "float32"),
+    )
+
+
+def caching_gpu_mem_mb(wildcards, input):
+    layers = group_layers(wildcards.group)
+    return memory.gpu_mb(_prepared_shape(input), max(layers), config["activations"].get("dtype", "float32"),
+                         _batch_tokens(), len(layers))
+
+
+def embedding_mem_mb(wildcards, input, attempt):
+    return attempt * memory.embedding_mb(_prepared_shape(input), _examples_per_neuron())
+
+
+def _deepest_layer(wildcards):
+    if "layer" in wildcards.keys():
+        return int(wildcards.layer)
+    if "sae" in wildcards.keys():
+        return int(SAES[wildcards.sae]["layer"])
+    return max([spec["layer"] for spec in SAES.values()] or LAYERS)
+
+
+def layer_model_mem_mb(wildcards, input, attempt):
+    """A job that runs the model up to one layer (token importance, SAE training and caching)."""
+    layer = _deepest_layer(wildcards)
+    return attempt * memory.caching_mb(
+        _prepared_shape(input), deepest_layer=layer, cached_layers=1, examples=_examples_per_neuron(),
+        batch_tokens=_batch_tokens(), shard_tokens=_shard_tokens(),
+    )
+
+
+def whole_model_mem_mb(wildcards, input, attempt):
+    return attempt * memory.whole_model_mb(_prepared_shape(input))

@@ -8,6 +8,8 @@ rule embed_neurons:
     params:
         trust_remote_code=config["model"].get("trust_remote_code", False),
         code=code_version("embeddings", "adapters", "models", "schemas", "storage"),
+    resources:
+        mem_mb=embedding_mem_mb,
     log:
         f"{RUN}/logs/embed_neurons/layer-{{layer}}.log",
     benchmark:

@@ -12,6 +12,9 @@ rule prepare_model:
         f"{RUN}/logs/prepare_model.log",
     benchmark:
         f"{RUN}/benchmarks/prepare_model.tsv"
+    resources:
+        # from a local model's config.json; a hub id's size is known only once its config is read (in the job)
+        mem_mb=lambda wildcards, attempt: attempt * memory.whole_model_mb(memory.model_shape(None, local_model_folder())),
     localrule: True
     conda:
         ENV

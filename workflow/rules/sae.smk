@@ -29,6 +29,7 @@ rule train_sae:
     threads: config["activations"].get("threads", 2)
     resources:
         gpu=config["activations"].get("gpus", 1),
+        mem_mb=layer_model_mem_mb,
     log:
         f"{RUN}/logs/train_sae/{{sae}}.log",
     benchmark:
@@ -78,13 +79,14 @@ rule sae_activation_stats:
         saes={name: spec["layer"] for name, spec in SAES.items()},
         stats_only=True,
         window_tokens=config["corpus"]["window_tokens"],
-        selection=cache_selection_params(),
+        selection=sae_selection_params(),
         compute=compute_params(),
         trust_remote_code=config["model"].get("trust_remote_code", False),
         code=code_version("sae", "activations", "topk"),
     threads: config["activations"].get("threads", 2)
     resources:
         gpu=config["activations"].get("gpus", 1),
+        mem_mb=layer_model_mem_mb,
     log:
         f"{RUN}/logs/sae_activation_stats/shard-{{shard}}.log",
     benchmark:
@@ -126,13 +128,14 @@ rule cache_sae:
         saes={name: spec["layer"] for name, spec in SAES.items()},
         stats_only=False,
         window_tokens=config["corpus"]["window_tokens"],
-        selection=cache_selection_params(),
+        selection=sae_selection_params(),
         compute=compute_params(),
         trust_remote_code=config["model"].get("trust_remote_code", False),
         code=code_version("sae", "activations", "topk"),
     threads: config["activations"].get("threads", 2)
     resources:
         gpu=config["activations"].get("gpus", 1),
+        mem_mb=layer_model_mem_mb,
     log:
         f"{RUN}/logs/cache_sae/shard-{{shard}}.log",
     benchmark:
@@ -150,7 +153,7 @@ rule select_sae_examples:
         f"{SAE_DIR}/{{sae}}/selection.safetensors",
     params:
         layer=sae_layer,
-        selection=cache_selection_params(),
+        selection=sae_selection_params(),
         k=selection_k(),
         code=code_version("selection", "topk", "storage"),
     log:
@@ -245,6 +248,7 @@ rule evaluate_sae:
     threads: config["activations"].get("threads", 2)
     resources:
         gpu=config["activations"].get("gpus", 1),
+        mem_mb=whole_model_mem_mb,
     log:
         f"{RUN}/logs/evaluate_sae/{{sae}}.log",
     benchmark:

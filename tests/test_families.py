@@ -1,0 +1,207 @@
+"""The family matrix: every decoder-only family of the installed transformers, built offline from its config class
+with tiny random sizes, saved, and taken through what a user's model goes through: prepare_model (the MLP found
+on the meta device, then verified on one real batch), the capture hooks, the embedding invariant
+sum(x * w) + b = pre-activation on real forward passes, the truncated load of the caching stages and the
+by-name weight reads of the embedding stage.
+
+The expected module names below are this test's own knowledge of each family, written independently of the
+discovery code: discovery must find exactly these.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from families import DENSE, MOE, save_tiny_model, tiny_config  # noqa: E402
+from neuron_embeddings import adapters  # noqa: E402
+from neuron_embeddings.errors import PipelineError  # noqa: E402
+from neuron_embeddings.models import (  # noqa: E402
+    MANIFEST,
+    inspect_source,
+    layer_input_weights,
+    load_prepared,
+    prepare_model,
+)
+from neuron_embeddings.sources import ModelSource  # noqa: E402
+
+GATED = ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"
+# family -> (input projection modules, gate first; output projection), relative to a block
+EXPECTED: dict[str, tuple[tuple[str, ...], str]] = {
+    "gpt2": (("mlp.c_fc",), "mlp.c_proj"),
+    "gpt_neox": (("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h"),
+    "gptj": (("mlp.fc_in",), "mlp.fc_out"),
+    "opt": (("fc1",), "fc2"),  # no MLP module: the projections sit on the decoder layer
+    "bloom": (("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h"),
+    "falcon": (("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h"),
+    "phi": (("mlp.fc1",), "mlp.fc2"),
+    "phi3": (("mlp.gate_up_proj", "mlp.gate_up_proj"), "mlp.down_proj"),  # fused: gate = first half of the rows
+    "starcoder2": (("mlp.c_fc",), "mlp.c_proj"),
+    **{family: GATED for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
+                                    "olmo2", "stablelm", "granite", "cohere")},
+}
+BATCH, SEQ = 3, 10
+
+
+def test_matrix_covers_the_issue_families():
+    assert set(DENSE) == set(EXPECTED)
+    assert len(DENSE) + len(MOE) >= 24
+
+
+@pytest.fixture(scope="module", params=DENSE)
+def prepared(request, tmp_path_factory):
+    """(family, the saved checkpoint, its prepared folder, the prepared model loaded whole)."""
+    family = request.param
+    root = tmp_path_factory.mktemp(f"family-{family}")
+    source = save_tiny_model(root / "source", family)
+    info = prepare_model(ModelSource(str(source)), root / "model")
+    model, _, _ = load_prepared(root / "model")
+    return family, source, root / "model", model, info
+
+
+def test_layout_is_found_and_verified(prepared):
+    family, _, model_dir, model, info = prepared
+    modules, out_proj = EXPECTED[family]
+    layout = adapters.MLPLayout.from_json(json.loads((model_dir / MANIFEST).read_text())["layout"])
+    assert layout.family == family == info.family
+    assert tuple(p.module for p in layout.projections) == modules
+    assert layout.out_proj == out_proj
+    if family == "phi3":
+        assert [p.half for p in layout.projections] == [0, 1]
+        assert layout.projection_names == ["gate_up_proj.gate", "gate_up_proj.up"]
+    assert info.n_projections == len(modules)
+    assert info.d_model == 32 and info.n_layers == 3
+    assert info.verification["pre_error"] < 1e-5 and info.verification["act_error"] <= 1e-5
+    assert info.weights_by_name
+
+
+def test_embedding_invariant_on_real_forward_passes(prepared):
+    """sum_j x[t, j] * W[n, j] + b[n] is the model's own pre-activation for every neuron, token and projection,
+    and act(pre) (act(gate) * up when gated) is the output projection's input."""
+    family, _, _, model, info = prepared
+    adapter = adapters.adapter_for(model)
+    ids = torch.randint(3, 300, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    layers = list(range(info.n_layers))
+    with adapters.MLPCapture(model, adapter, layers, stop_after_last=True) as capture, torch.no_grad():
+        adapters.run_capture(adapter.body(model), ids)
+    n = info.n_neurons
+    for layer in layers:
+        slot = capture.captured[layer]
+        x = slot["x"]
+        assert x.shape == (BATCH, SEQ, 32)
+        for (W, b), pre in zip(adapter.input_weights(model, layer), slot["pre"]):
+            assert W.shape == (n, 32) and pre.shape == (BATCH, SEQ, n)
+            embedding = x[:, :, None, :] * W[None, None, :, :]  # one embedding per (token, neuron)
+            torch.testing.assert_close(embedding.sum(-1) + b, pre, atol=1e-5, rtol=1e-5)
+        act = adapter.activation_from_pre(model, layer, slot["pre"])
+        torch.testing.assert_close(act, slot["act"], atol=1e-6, rtol=1e-6)
+        assert slot["act"].shape == (BATCH, SEQ, n)
+
+
+def test_truncated_load_and_by_name_weights_match_the_whole_model(prepared):
+    family, _, model_dir, model, info = prepared
+    ids = torch.randint(3, 300, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    short, _, _ = load_prepared(model_dir, up_to_layer=1)
+    assert adapters.adapter_for(short).n_layers(short) == 2  # block 2 never built
+    got = {}
+    for name, m in (("whole", model), ("short", short)):
+        adapter = adapters.adapter_for(m)
+        with adapters.MLPCapture(m, adapter, [1], stop_after_last=True) as capture, torch.no_grad():
+            adapters.run_capture(adapter.body(m), ids)
+        got[name] = capture.captured[1]
+    torch.testing.assert_close(got["short"]["act"], got["whole"]["act"], atol=0, rtol=0)
+    adapter = adapters.adapter_for(model)
+    for layer in range(info.n_layers):
+        by_name = layer_input_weights(model_dir, layer)
+        for (W, b), (W_ref, b_ref) in zip(by_name, adapter.input_weights(model, layer)):
+            assert torch.equal(W, W_ref) and torch.equal(b, b_ref)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_mixture_of_experts_is_refused_before_any_weight_is_read(family, tmp_path):
+    folder = tmp_path / family
+    tiny_config(family).save_pretrained(folder)  # a config and no weights: what a hub id offers first
+    with pytest.raises(PipelineError) as info:
+        inspect_source(ModelSource(str(folder)))
+    message = str(info.value)
+    assert "mixture of experts" in message and f"'{family}'" in message and "\n" not in message
+
+
+def test_wrong_activation_fails_with_family_layer_and_mismatch():
+    """A reading that cannot reproduce the activation stops with one line naming the family, layer and error."""
+    from families import tiny_model
+
+    model = tiny_model("gpt2")
+    candidates = adapters.find_candidates(model)
+    # GPT-2 uses the tanh GELU; offered only the erf GELU, verification must refuse (they differ by ~1e-4)
+    wrong = adapters.Candidates(**{**candidates.__dict__, "activations": ("config:gelu",)})
+    with pytest.raises(PipelineError) as info:
+        adapters.verify(model, wrong, adapters.verification_ids(model))
+    message = str(info.value)
+    assert "GPT2LMHeadModel (model_type 'gpt2')" in message and "layer " in message and "off by" in message
+    assert "\n" not in message
+
+
+def test_gate_order_is_decided_by_the_forward_pass(monkeypatch):
+    """With names that do not say which projection is the gate, both orders are tried and the right one kept."""
+    from families import tiny_model
+
+    monkeypatch.setattr(adapters, "OVERRIDES", {"llama": {"gate_first": False}})  # deliberately wrong first guess
+    model = tiny_model("llama")
+    candidates = adapters.find_candidates(model)
+    assert candidates.orderings[0][0].module == "mlp.up_proj"
+    layout = adapters.verify(model, candidates, adapters.verification_ids(model)).layout
+    assert [p.module for p in layout.projections] == ["mlp.gate_proj", "mlp.up_proj"]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_gguf_checkpoints_of_other_families(family, tmp_path):
+    """model.gguf_file for families beyond the demo's Llama: Qwen2, and Phi-3 with its fused gate_up. The prepared
+    model verifies its layout and computes what the Hugging Face checkpoint computes."""
+    from gguf_writer import write_gguf
+    from transformers import AutoModelForCausalLM
+
+    hf = save_tiny_model(tmp_path / "hf", family)
+    gguf_dir = tmp_path / "gguf"
+    gguf_dir.mkdir()
+    write_gguf(hf, gguf_dir / "tiny.gguf", family)
+    info = prepare_model(ModelSource(str(gguf_dir), gguf_file="tiny.gguf"), tmp_path / "model")
+    assert info.family == family and info.verification["act_error"] <= 1e-5
+    assert info.n_projections == 2
+    prepared, _, _ = load_prepared(tmp_path / "model")
+    reference = AutoModelForCausalLM.from_pretrained(hf).eval()
+    ids = torch.randint(3, 300, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_hub_id_is_checked_from_its_config_before_any_weight_is_fetched(tmp_path, monkeypatch):
+    """A hub id whose cache holds only config.json (what the hub serves first): an unsupported MLP is refused from
+    the config alone, so no weight file is ever asked for; a supported one gets as far as the weights."""
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    for repo, family in (("someone/tiny-moe", "mixtral"), ("someone/tiny-dense", "qwen2")):
+        snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+        snapshot.mkdir(parents=True)
+        tiny_config(family).save_pretrained(snapshot)
+        (cache / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
+        (cache / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PipelineError) as refused:
+        prepare_model(ModelSource("someone/tiny-moe"), tmp_path / "moe")
+    assert "mixture of experts" in str(refused.value)
+    inspection = inspect_source(ModelSource("someone/tiny-dense"))  # the shape, from the config alone
+    assert (inspection.candidates.n_layers, inspection.candidates.n_neurons) == (3, 48)
+    with pytest.raises(PipelineError) as no_weights:
+        prepare_model(ModelSource("someone/tiny-dense"), tmp_path / "dense")
+    assert "could not load" in str(no_weights.value)  # it got past the check to the (absent) weights
+    assert not (tmp_path / "moe").exists() and not (tmp_path / "dense").exists()
