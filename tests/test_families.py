@@ -44,16 +44,21 @@ EXPECTED: dict[str, tuple[tuple[str, ...], str]] = {
     "starcoder2": (("mlp.c_fc",), "mlp.c_proj"),
     **{family: GATED for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo",
                                     "olmo2", "stablelm", "granite", "cohere")},
+    # mixtures of experts: every expert's gate and up in one [E, 2F, d] parameter, gate first
+    **{family: (("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj"), "mlp.experts.down_proj")
+       for family in MOE},
 }
+# family -> (experts, neurons per expert, shared expert's neurons), from tests/families.py's configs
+EXPERTS = {"mixtral": (4, 48, 0), "olmoe": (4, 48, 0), "qwen2_moe": (4, 24, 40)}
 BATCH, SEQ = 3, 10
 
 
 def test_matrix_covers_the_issue_families():
-    assert set(DENSE) == set(EXPECTED)
+    assert set(DENSE) | set(MOE) == set(EXPECTED)
     assert len(DENSE) + len(MOE) >= 24
 
 
-@pytest.fixture(scope="module", params=DENSE)
+@pytest.fixture(scope="module", params=DENSE + MOE)
 def prepared(request, tmp_path_factory):
     """(family, the saved checkpoint, its prepared folder, the prepared model loaded whole)."""
     family = request.param
@@ -71,13 +76,21 @@ def test_layout_is_found_and_verified(prepared):
     assert layout.family == family == info.family
     assert tuple(p.module for p in layout.projections) == modules
     assert layout.out_proj == out_proj
-    if family == "phi3":
+    if family == "phi3" or family in MOE:
         assert [p.half for p in layout.projections] == [0, 1]
         assert layout.projection_names == ["gate_up_proj.gate", "gate_up_proj.up"]
     assert info.n_projections == len(modules)
     assert info.d_model == 32 and info.n_layers == 3
     assert info.verification["pre_error"] < 1e-5 and info.verification["act_error"] <= 1e-5
-    assert info.weights_by_name
+    if family in MOE:
+        n_experts, per_expert, shared = EXPERTS[family]
+        experts = layout.experts
+        assert (experts.module, experts.n_experts, experts.per_expert, experts.shared_neurons) == (
+            "mlp.experts", n_experts, per_expert, shared)
+        assert info.n_neurons == n_experts * per_expert + shared
+        assert not info.weights_by_name  # saved with one tensor per expert: the embedding stage loads the block
+    else:
+        assert layout.experts is None and info.weights_by_name
 
 
 def test_embedding_invariant_on_real_forward_passes(prepared):
@@ -87,6 +100,8 @@ def test_embedding_invariant_on_real_forward_passes(prepared):
     adapter = adapters.adapter_for(model)
     ids = torch.randint(3, 300, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     layers = list(range(info.n_layers))
+    if family in MOE:
+        return _check_experts(model, adapter, ids, layers, info)
     with adapters.MLPCapture(model, adapter, layers, stop_after_last=True) as capture, torch.no_grad():
         adapters.run_capture(adapter.body(model), ids)
     n = info.n_neurons
@@ -101,6 +116,56 @@ def test_embedding_invariant_on_real_forward_passes(prepared):
         act = adapter.activation_from_pre(model, layer, slot["pre"])
         torch.testing.assert_close(act, slot["act"], atol=1e-6, rtol=1e-6)
         assert slot["act"].shape == (BATCH, SEQ, n)
+
+
+def _check_experts(model, adapter, ids, layers, info):
+    """Mixture of experts: the test's own arithmetic from the experts' parameters, on the tokens the model itself
+    routed (the experts module's arguments, caught by the test's own hook)."""
+    import torch.nn.functional as F
+
+    routed_args, shared_in, handles = {}, {}, []
+    for layer in layers:
+        mlp = adapter.block(model, layer).mlp
+        handles.append(mlp.experts.register_forward_pre_hook(
+            lambda _m, args, layer=layer: routed_args.__setitem__(layer, [a.detach().clone() for a in args])))
+        if hasattr(mlp, "shared_expert"):
+            handles.append(mlp.shared_expert.down_proj.register_forward_pre_hook(
+                lambda _m, args, layer=layer: shared_in.__setitem__(layer, args[0].detach().clone())))
+    try:
+        with adapters.MLPCapture(model, adapter, layers, stop_after_last=False) as capture, torch.no_grad():
+            adapters.run_capture(adapter.body(model), ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n_experts, per_expert, shared = EXPERTS[info.family]
+    for layer in layers:
+        slot = capture.captured[layer]
+        x_flat, index = routed_args[layer][0], routed_args[layer][1]
+        assert torch.equal(slot["x"].reshape(x_flat.shape), x_flat)
+        experts = adapter.block(model, layer).mlp.experts
+        pre_gate = slot["pre"][0].reshape(len(x_flat), -1)
+        pre_up = slot["pre"][1].reshape(len(x_flat), -1)
+        act = slot["act"].reshape(len(x_flat), -1)
+        valid = slot["unit_valid"].reshape(len(x_flat), -1)
+        assert act.shape[1] == n_experts * per_expert + shared
+        for t in range(len(x_flat)):
+            chosen = set(index[t].tolist())
+            for e in range(n_experts):
+                cols = slice(e * per_expert, (e + 1) * per_expert)
+                assert bool(valid[t, cols].all()) == (e in chosen)
+                if e not in chosen:
+                    assert not act[t, cols].any()  # the unit contributes nothing where its expert did not run
+                    continue
+                gate, up = F.linear(x_flat[t], experts.gate_up_proj[e]).chunk(2, dim=-1)
+                torch.testing.assert_close(pre_gate[t, cols], gate, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(pre_up[t, cols], up, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(act[t, cols], experts.act_fn(gate) * up, atol=1e-6, rtol=1e-6)
+        for (W, b), pre in zip(adapter.input_weights(model, layer), slot["pre"]):
+            embedding = slot["x"][:, :, None, :] * W[None, None]  # the invariant, unit by unit
+            torch.testing.assert_close(embedding.sum(-1) + b, pre, atol=1e-5, rtol=1e-5)
+        if shared:
+            torch.testing.assert_close(act[:, n_experts * per_expert :], shared_in[layer].reshape(len(x_flat), -1),
+                                       atol=1e-6, rtol=1e-6)
 
 
 def test_truncated_load_and_by_name_weights_match_the_whole_model(prepared):
@@ -123,13 +188,24 @@ def test_truncated_load_and_by_name_weights_match_the_whole_model(prepared):
 
 
 @pytest.mark.parametrize("family", MOE)
-def test_mixture_of_experts_is_refused_before_any_weight_is_read(family, tmp_path):
+def test_mixture_of_experts_is_read_from_its_config_alone(family, tmp_path):
     folder = tmp_path / family
     tiny_config(family).save_pretrained(folder)  # a config and no weights: what a hub id offers first
+    inspection = inspect_source(ModelSource(str(folder)))
+    n_experts, per_expert, shared = EXPERTS[family]
+    assert inspection.candidates.experts.n_units == inspection.candidates.n_neurons == n_experts * per_expert + shared
+
+
+def test_wrong_expert_activation_fails_with_family_layer_and_mismatch():
+    from families import tiny_model
+
+    model = tiny_model("mixtral")
+    candidates = adapters.find_candidates(model)
+    wrong = adapters.Candidates(**{**candidates.__dict__, "activations": ("config:gelu",)})
     with pytest.raises(PipelineError) as info:
-        inspect_source(ModelSource(str(folder)))
+        adapters.verify(model, wrong, adapters.verification_ids(model))
     message = str(info.value)
-    assert "mixture of experts" in message and f"'{family}'" in message and "\n" not in message
+    assert "MixtralForCausalLM (model_type 'mixtral')" in message and "layer " in message and "off by" in message
 
 
 def test_wrong_activation_fails_with_family_layer_and_mismatch():
@@ -181,15 +257,21 @@ def test_gguf_checkpoints_of_other_families(family, tmp_path):
 
 
 def test_hub_id_is_checked_from_its_config_before_any_weight_is_fetched(tmp_path, monkeypatch):
-    """A hub id whose cache holds only config.json (what the hub serves first): an unsupported MLP is refused from
-    the config alone, so no weight file is ever asked for; a supported one gets as far as the weights."""
+    """A hub id whose cache holds only config.json (what the hub serves first): a family the method cannot apply to
+    is refused from the config alone, so no weight file is ever asked for; a supported one gets as far as the
+    weights."""
     import huggingface_hub
 
     cache = tmp_path / "hub"
-    for repo, family in (("someone/tiny-moe", "mixtral"), ("someone/tiny-dense", "qwen2")):
+    for repo, family in (("someone/tiny-unsupported", "mamba"), ("someone/tiny-dense", "qwen2")):
         snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
         snapshot.mkdir(parents=True)
-        tiny_config(family).save_pretrained(snapshot)
+        if family == "mamba":
+            from transformers import AutoConfig
+
+            AutoConfig.for_model("mamba", hidden_size=32, num_hidden_layers=2, vocab_size=320).save_pretrained(snapshot)
+        else:
+            tiny_config(family).save_pretrained(snapshot)
         (cache / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
         (cache / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text("0" * 40)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -197,8 +279,8 @@ def test_hub_id_is_checked_from_its_config_before_any_weight_is_fetched(tmp_path
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PipelineError) as refused:
-        prepare_model(ModelSource("someone/tiny-moe"), tmp_path / "moe")
-    assert "mixture of experts" in str(refused.value)
+        prepare_model(ModelSource("someone/tiny-unsupported"), tmp_path / "moe")
+    assert "state-space model" in str(refused.value) and "'mamba'" in str(refused.value)
     inspection = inspect_source(ModelSource("someone/tiny-dense"))  # the shape, from the config alone
     assert (inspection.candidates.n_layers, inspection.candidates.n_neurons) == (3, 48)
     with pytest.raises(PipelineError) as no_weights:

@@ -158,10 +158,11 @@ def test_installed_snakemake_keeps_jobs_within_the_cores(tmp_path):
     assert spans[1][0] >= spans[0][1], f"two 2-thread jobs overlapped on 2 cores: {spans}"
 
 
-@pytest.mark.parametrize("family", ["phi3", "opt"])
+@pytest.mark.parametrize("family", ["phi3", "opt", "qwen2_moe"])
 def test_non_llama_families_run_end_to_end(family, tmp_path):
-    """Phi-3 (a fused gate_up projection, split by rows) and OPT (no MLP module, tokens flattened inside the block,
-    ReLU) through the whole workflow, from a local checkpoint as a user would give one."""
+    """Phi-3 (a fused gate_up projection, split by rows), OPT (no MLP module, tokens flattened inside the block,
+    ReLU) and Qwen2-MoE (experts and a shared expert) through the whole workflow, from a local checkpoint as a
+    user would give one."""
     from families import save_tiny_model
 
     model = save_tiny_model(tmp_path / "model", family)
@@ -170,8 +171,10 @@ def test_non_llama_families_run_end_to_end(family, tmp_path):
     proc = run_snakemake(tmp_path / "work", config)
     run = tmp_path / "work" / "results" / family
     manifest = json.loads((run / "model/neuron_embeddings.json").read_text())
-    assert manifest["family"] == family and manifest["weights_by_name"]
-    projections = {"phi3": ["gate_up_proj.gate", "gate_up_proj.up"], "opt": ["fc1"]}[family]
+    assert manifest["family"] == family
+    assert manifest["weights_by_name"] == (family != "qwen2_moe")  # experts are saved one tensor per expert
+    projections = {"phi3": ["gate_up_proj.gate", "gate_up_proj.up"], "opt": ["fc1"],
+                   "qwen2_moe": ["gate_up_proj.gate", "gate_up_proj.up"]}[family]
     assert manifest["projections"] == projections
     for layer in config["layers"]:
         path = run / f"embeddings/layer-{layer}.parquet"
@@ -179,15 +182,50 @@ def test_non_llama_families_run_end_to_end(family, tmp_path):
         emb = pq.read_table(path)
         assert emb.schema.field("embedding").type.list_size == len(projections) * 32
         acts = emb.column("activation").to_numpy()
-        if family == "phi3":  # gated: selection.sign auto takes both signs
+        if family == "qwen2_moe":
+            _check_expert_examples(run, layer, emb, model)
+        elif family == "phi3":  # gated: selection.sign auto takes both signs
             assert (acts < 0).any() and (acts > 0).any()
             assert parquet_provenance(path)["cache_settings"]["sign"] == "both"
         else:  # ReLU: the positive side
             assert (acts >= 0).all()
             assert parquet_provenance(path)["cache_settings"]["sign"] == "positive"
         metrics = pq.read_table(run / f"metrics/layer-{layer}.parquet")
-        assert metrics.num_rows == manifest["n_neurons"]
+        assert metrics.num_rows == len(set(emb.column("neuron").to_pylist()))
+        assert metrics.num_rows == manifest["n_neurons"] or family == "qwen2_moe"
+        clusters = pq.read_table(run / f"clusters/layer-{layer}.parquet")
+        assert clusters.column("expert").to_pylist() == emb.column("expert").to_pylist()
+        if family != "qwen2_moe":
+            assert metrics.column("expert").null_count == metrics.num_rows
     assert (run / "report/index.html").is_file() and (run / "explorer/index.html").is_file()
     # every caching job declared its memory from the prepared model (evaluated once the model was there)
     log = proc.stdout + proc.stderr
     assert "mem_mb=" in log and "gpu_mem_mb=" in log
+
+
+def _check_expert_examples(run, layer, emb, model_dir):
+    """Every example of an expert's unit is a token the router sent to that expert (the shared expert's units
+    see every token), found by the test's own hook on the experts module over the run's windows."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    n_experts, per_expert = 4, 24  # tests/families.py: qwen2_moe
+    neuron = emb.column("neuron").to_numpy()
+    expert = emb.column("expert").to_numpy()
+    assert np.array_equal(expert, np.where(neuron < n_experts * per_expert, neuron // per_expert, n_experts))
+    # a unit whose expert the router never chose has no examples; the shared expert's always have
+    assert n_experts in set(expert.tolist()) and len(set(expert.tolist())) >= 3
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    seen = {}
+    model.model.layers[layer].mlp.experts.register_forward_pre_hook(lambda _m, args: seen.__setitem__("index", args[1]))
+    window_tokens = 16
+    routed = set()
+    for shard in sorted(run.glob("corpus/shard-*.parquet")):
+        for row in pq.read_table(shard).to_pylist():
+            with torch.no_grad():
+                model(input_ids=torch.tensor([row["input_ids"]]))
+            for pos, chosen in enumerate(seen["index"].reshape(len(row["input_ids"]), -1).tolist()):
+                routed.update((row["window"] * window_tokens + pos, e) for e in chosen)
+    tokens = emb.column("token_index").to_numpy()
+    for token, e in zip(tokens.tolist(), expert.tolist()):
+        assert e == n_experts or (token, e) in routed

@@ -129,7 +129,9 @@ def stream_shard(
             run_capture(body, ids.to(device))
             for layer, acc in accumulators.items():
                 slot = capture.captured[layer]
-                acc.update(slot["act"], slot["pre"], slot["x"], valid, token_index, where=f"layer {layer} shard {shard}")
+                routed = {"unit_valid": slot["unit_valid"]} if "unit_valid" in slot else {}
+                acc.update(slot["act"], slot["pre"], slot["x"], valid, token_index, where=f"layer {layer} shard {shard}",
+                           **routed)
     return {"windows": len(windows), "tokens": int(lengths_all.sum()), "batch_size": batch_size}
 
 
@@ -174,7 +176,7 @@ class StatsOnly:
     def __init__(self, n_neurons: int, histogram_stride: int):
         self.stats = Stats(n_neurons, histogram_stride)
 
-    def update(self, act, pre, x, valid, token_index, where: str = "") -> None:
+    def update(self, act, pre, x, valid, token_index, where: str = "", unit_valid=None) -> None:
         batch = make_batch(act, pre, x, valid, token_index, where)
         if batch is not None:
             self.stats.update(batch, where)

@@ -108,6 +108,7 @@ def cluster_layer(embeddings_path: str | os.PathLike, out_path: str | os.PathLik
         {
             "layer": table.column("layer"),
             "neuron": table.column("neuron"),
+            "expert": table.column("expert"),
             "example_rank": table.column("example_rank"),
             "cluster": pa.array(joined("cluster", np.int32)),
             "cluster_size": pa.array(joined("cluster_size", np.int32)),

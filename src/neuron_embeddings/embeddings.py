@@ -172,9 +172,12 @@ def build_embeddings(
     def fixed(a: np.ndarray) -> pa.FixedSizeListArray:
         return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), pa.float32()), a.shape[1])
 
+    experts = info.mlp_layout.experts if units is None and info.layout is not None else None
+    expert = experts.expert_of(neuron) if experts is not None else None
     columns = {
         "layer": pa.array(np.full(len(neuron), layer), pa.int16()),
         "neuron": pa.array(neuron, pa.int32()),
+        "expert": pa.array(expert, pa.int32()) if expert is not None else pa.nulls(len(neuron), pa.int32()),
         "example_rank": pa.array(rank, pa.int16()),
         "sample": pa.array(entries["sample"], pa.string()),
         "token_index": pa.array(token_index, pa.int64()),

@@ -40,7 +40,7 @@ from .sweep import sweep_curve
 ASSETS = Path(__file__).parent / "explorer_assets"
 ASSET_FILES = ("index.html", "explorer.js", "explorer.css")
 METRIC_COLUMNS = (
-    "size", "n_clusters", "largest_cluster_share", "mean_distance", "max_distance", "mean_intra_distance",
+    "expert", "size", "n_clusters", "largest_cluster_share", "mean_distance", "max_distance", "mean_intra_distance",
     "mean_inter_distance", "max_activation", "min_activation", "mean_activation", "frac_positive",
 )
 

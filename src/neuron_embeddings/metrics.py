@@ -46,11 +46,13 @@ def layer_metrics(
     state, _ = load_tensors(selection_path)
     n_tokens = max(int(state["n_tokens"][0]), 1)
     rows = []
+    expert = table.column("expert").to_pylist()
     for neuron, start, stop in neuron_groups(table.column("neuron").to_numpy()):
         rows.append(
             {
                 "layer": layer,
                 "neuron": neuron,
+                "expert": expert[start],
                 **neuron_metrics(emb[start:stop], labels[start:stop]),
                 "max_activation": float(state["stat_max"][neuron]),
                 "min_activation": float(state["stat_min"][neuron]),

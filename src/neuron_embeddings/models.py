@@ -19,6 +19,7 @@ import torch
 
 from .adapters import (
     Candidates,
+    UNSUPPORTED,
     MLPLayout,
     ModelAdapter,
     adapter_for,
@@ -71,6 +72,9 @@ def inspect_source(spec: ModelSource) -> Inspection:
         raise PipelineError(f"model.source: could not read the config of '{spec.source}': {_one_line(exc)}") from None
     if hasattr(config, "quantization_config"):  # GGUF: the weights are dequantized on load
         del config.quantization_config
+    family = getattr(config, "model_type", "")
+    if family in UNSUPPORTED:
+        raise PipelineError(f"model.source: '{spec.source}' (model_type '{family}') is not supported: {UNSUPPORTED[family]}")
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
@@ -203,10 +207,9 @@ def prepare_model(spec: ModelSource, out_dir: str | os.PathLike) -> ModelInfo:
         tokenizer.save_pretrained(tmp)
         saved = checkpoint_tensor_names(tmp)
         adapter = ModelAdapter(verification.layout)
-        by_name = all(
-            weight in saved for layer in range(info.n_layers) for weight, _ in adapter.tensor_names(layer).values()
-        )
-        if not by_name:
+        wanted = [weight for layer in range(info.n_layers) for weight, _ in adapter.tensor_names(layer).values()]
+        by_name = bool(wanted) and all(weight in saved for weight in wanted)
+        if wanted and not by_name:
             log.warning("the saved checkpoint names the MLP weights differently from the modules: stages that need "
                         "one layer's weights will load the model up to that layer instead")
         info = replace(info, weights_by_name=by_name)

@@ -110,7 +110,8 @@ def pick_neurons(metrics: pa.Table, count: int) -> tuple[list[int], list[int]]:
 def neuron_section(neuron: int, metric: dict[str, Any], examples: list[dict[str, Any]], per_cluster: int) -> str:
     scale = max((abs(e["activation"]) for e in examples), default=1.0)
     parts = [
-        f'<div class="neuron" id="n{neuron}"><h3>neuron {neuron}</h3>',
+        f'<div class="neuron" id="n{neuron}"><h3>neuron {neuron}'
+        + (f' (expert {metric["expert"]})' if metric.get("expert") is not None else "") + "</h3>",
         f'<p class="muted">{metric["size"]} examples, {metric["n_clusters"]} clusters, '
         f'mean distance {fmt(metric["mean_distance"])}, max {fmt(metric["max_distance"])}, '
         f'intra {fmt(metric["mean_intra_distance"])}, inter {fmt(metric["mean_inter_distance"])}, '

@@ -36,6 +36,7 @@ EMBEDDINGS = pa.schema(
     [
         pa.field("layer", pa.int16(), nullable=False),
         pa.field("neuron", pa.int32(), nullable=False),
+        pa.field("expert", pa.int32(), nullable=True),  # mixture of experts: the unit's expert (n_experts = shared); null if dense
         pa.field("example_rank", pa.int16(), nullable=False),  # 0 = strongest example of this neuron
         pa.field("sample", pa.string(), nullable=False),  # which selection chose it: top_k, threshold, quantile-<bin>
         pa.field("token_index", pa.int64(), nullable=False),  # global token id = window*window_tokens + pos
@@ -58,6 +59,7 @@ CLUSTERS = pa.schema(
     [
         pa.field("layer", pa.int16(), nullable=False),
         pa.field("neuron", pa.int32(), nullable=False),
+        pa.field("expert", pa.int32(), nullable=True),  # mixture of experts: the unit's expert (n_experts = shared); null if dense
         pa.field("example_rank", pa.int16(), nullable=False),
         pa.field("cluster", pa.int32(), nullable=False),  # 0 = largest cluster of this neuron
         pa.field("cluster_size", pa.int32(), nullable=False),
@@ -71,6 +73,7 @@ METRICS = pa.schema(
     [
         pa.field("layer", pa.int16(), nullable=False),
         pa.field("neuron", pa.int32(), nullable=False),
+        pa.field("expert", pa.int32(), nullable=True),  # mixture of experts: the unit's expert (n_experts = shared); null if dense
         pa.field("size", pa.int32(), nullable=False),  # number of examples
         pa.field("n_clusters", pa.int32(), nullable=False),
         pa.field("largest_cluster_share", pa.float32(), nullable=False),

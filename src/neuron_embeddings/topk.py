@@ -83,6 +83,7 @@ class Batch:
     act_flat: torch.Tensor  # [R, N] float32, on act's device
     tok_flat: torch.Tensor  # [R] int64, on act's device
     score_flat: torch.Tensor  # [R, N]: what the selection ranks by (act_flat itself for the positive sign)
+    masked: bool = False  # some (token, unit) entries may not be examples: their score is -inf (experts)
 
 
 def score(act: torch.Tensor, sign: str) -> torch.Tensor:
@@ -95,7 +96,10 @@ def score(act: torch.Tensor, sign: str) -> torch.Tensor:
     raise PipelineError(f"selection.sign: unknown sign '{sign}' ({', '.join(SIGNS)})")
 
 
-def make_batch(act, pre, x, valid, token_index, where: str = "", sign: str = "positive") -> Batch | None:
+def make_batch(act, pre, x, valid, token_index, where: str = "", sign: str = "positive",
+               unit_valid: torch.Tensor | None = None) -> Batch | None:
+    """`unit_valid` [B, T, N], for a mixture of experts: where the token was routed to the unit's expert. Only
+    those entries can be examples; the statistics count the others as the 0 the unit contributes there."""
     B, T, N = act.shape
     device = act.device
     valid = valid.to(device)
@@ -103,7 +107,12 @@ def make_batch(act, pre, x, valid, token_index, where: str = "", sign: str = "po
     if rows.numel() == 0:
         return None
     act_flat = act.reshape(B * T, N)[rows].float()
-    return Batch(act, pre, x, valid, rows, act_flat, token_index.to(device).reshape(-1)[rows], score(act_flat, sign))
+    scores = score(act_flat, sign)
+    if unit_valid is not None:
+        routed = unit_valid.to(device).reshape(B * T, N)[rows]
+        scores = torch.where(routed, scores, torch.full_like(scores, float("-inf")))
+    return Batch(act, pre, x, valid, rows, act_flat, token_index.to(device).reshape(-1)[rows], scores,
+                 unit_valid is not None)
 
 
 def score_max(stats: dict[str, Any], sign: str) -> torch.Tensor:
@@ -336,8 +345,8 @@ class TopKAccumulator:
         offsets = torch.arange(-context_before, context_after + 1)
         self.examples = ExampleSet(n_neurons, 1, d_model, n_proj, k, offsets, x_dtype)
 
-    def update(self, act, pre, x, valid, token_index, where: str = "") -> None:
-        batch = make_batch(act, pre, x, valid, token_index, where, self.sign)
+    def update(self, act, pre, x, valid, token_index, where: str = "", unit_valid=None) -> None:
+        batch = make_batch(act, pre, x, valid, token_index, where, self.sign, unit_valid)
         if batch is None:
             return
         self.stats.update(batch, where)
@@ -345,6 +354,8 @@ class TopKAccumulator:
         # Only entries at or above the kept k-th value can enter. Once the sets are full that is a handful per
         # batch; before (or when it would still admit many), the batch's own k-th value bounds them too.
         threshold = self.examples.kth_key().float().to(a.device)
+        if batch.masked:  # an entry that cannot be an example (-inf) must not fill an empty slot
+            threshold = threshold.clamp(min=torch.finfo(torch.float32).min)
         cand_row, cand_neuron = (a >= threshold).nonzero(as_tuple=True)
         if cand_row.numel() > 4 * self.examples.keys.numel():
             batch_kth = torch.topk(a, min(self.k, a.shape[0]), dim=0).values[-1]
@@ -379,15 +390,16 @@ class ThresholdAccumulator:
         self.examples = ExampleSet(n, 1, d_model, n_proj, cap, offsets, x_dtype)
         self.quantiles = ExampleSet(n * bins, bins, d_model, n_proj, per_bin, offsets, x_dtype) if bins and per_bin else None
 
-    def update(self, act, pre, x, valid, token_index, where: str = "") -> None:
-        batch = make_batch(act, pre, x, valid, token_index, where, self.sign)
+    def update(self, act, pre, x, valid, token_index, where: str = "", unit_valid=None) -> None:
+        batch = make_batch(act, pre, x, valid, token_index, where, self.sign, unit_valid)
         if batch is None:
             return
         self.stats.update(batch, where)
         a = batch.score_flat
         if self.floor.device != a.device:
             self.floor = self.floor.to(a.device)
-        row, neuron = (a >= self.floor[None, :]).nonzero(as_tuple=True)
+        floor = self.floor.clamp(min=torch.finfo(torch.float32).min) if batch.masked else self.floor
+        row, neuron = (a >= floor[None, :]).nonzero(as_tuple=True)
         self._offer_sampled(self.examples, batch, row, neuron)
         if self.quantiles is not None:
             top = self.floor.clamp(min=0)

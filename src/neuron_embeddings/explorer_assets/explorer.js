@@ -207,13 +207,14 @@
   function metricsTable(layerData, neuron) {
     const i = layerData.neuron.indexOf(neuron);
     const rows = [
-      ["examples", "size"], ["feature clusters", "n_clusters"], ["largest cluster share", "largest_cluster_share"],
+      ["expert (mixture of experts)", "expert"], ["examples", "size"], ["feature clusters", "n_clusters"], ["largest cluster share", "largest_cluster_share"],
       ["mean pairwise distance", "mean_distance"], ["max pairwise distance", "max_distance"],
       ["mean intra-cluster distance", "mean_intra_distance"], ["mean inter-cluster distance", "mean_inter_distance"],
       ["max activation (corpus)", "max_activation"], ["min activation (corpus)", "min_activation"], ["mean activation (corpus)", "mean_activation"], ["share positive", "frac_positive"],
     ];
     const table = el("table", { class: "metrics" });
     rows.forEach(function (r) {
+      if (!layerData[r[1]] || (r[1] === "expert" && (i < 0 || layerData.expert[i] === null))) return;
       table.append(el("tr", null, [el("th", { text: r[0] }), el("td", { text: i < 0 ? "\u2013" : fmt(layerData[r[1]][i]) })]));
     });
     const sweep = layerData.sweep[String(neuron)];
@@ -302,7 +303,11 @@
   function renderNeuron(layerData, block, neuronData) {
     const view = clear($("neuron-view"));
     const neuron = current.neuron;
-    view.append(el("h2", { id: "neuron-title", text: "Layer " + current.layer + " \u00b7 neuron " + neuron }));
+    // A mixture of experts numbers its units expert-major; the expert is part of the unit's name
+    const at = layerData.neuron.indexOf(neuron);
+    const expert = at >= 0 && layerData.expert ? layerData.expert[at] : null;
+    view.append(el("h2", { id: "neuron-title", text: "Layer " + current.layer + " \u00b7 neuron " + neuron +
+      (expert === null || expert === undefined ? "" : " \u00b7 expert " + expert) }));
     if (!neuronData) {
       view.append(el("p", { class: "muted", text: "This neuron has no examples in this run." }));
       view.hidden = false;
