@@ -292,7 +292,12 @@ def test_nan_or_inf_activations(tiny_llama, tokenizer, tmp_path, poison):
         model.model.layers[1].mlp.gate_proj.weight[3, :] = poison
     model.save_pretrained(tmp_path / "poisoned")
     tokenizer.save_pretrained(tmp_path / "poisoned")
-    prepare_model(ModelSource(str(tmp_path / "poisoned")), tmp_path / "model")
+    # caught when the model is prepared, before any caching...
+    message = one_line_error(prepare_model, ModelSource(str(tmp_path / "poisoned")), tmp_path / "refused")
+    assert "layer 1" in message and "NaN or inf" in message and not (tmp_path / "refused").exists()
+    # ...and by the caching itself (overflow in a low-precision dtype, say): a prepared folder poisoned afterwards
+    prepare_model(ModelSource(str(tiny_llama)), tmp_path / "model")
+    model.save_pretrained(tmp_path / "model")
     write_corpus(tmp_path / "corpus", repeats=1)
     settings = CorpusSettings(window_tokens=16, n_shards=1, max_tokens=300, prepend_bos="auto")
     build_corpus([{"path": str(tmp_path / "corpus" / "*.txt")}], tokenizer, settings, tmp_path / "out", ["000"])

@@ -22,6 +22,7 @@ def embeddings_file(path, pre_shift: float) -> None:
     table = pa.Table.from_pydict(
         {
             "layer": pa.array([0, 0, 0], pa.int16()), "neuron": pa.array([0, 0, 1], pa.int32()),
+            "expert": pa.nulls(3, pa.int32()),
             "example_rank": pa.array([0, 1, 0], pa.int16()), "sample": ["top_k"] * 3,
             "token_index": pa.array([1, 2, 3], pa.int64()), "document": pa.array([0, 0, 0], pa.int64()),
             "doc_position": pa.array([1, 2, 3], pa.int32()), "token_id": pa.array([5, 6, 7], pa.int32()),

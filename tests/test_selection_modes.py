@@ -129,7 +129,9 @@ def test_histogram_counts_every_valid_token():
         assert torch.equal(merged["stat_max"], a.max(0).values)
 
 
-@pytest.mark.parametrize("sign", ["auto", "positive"])
+# auto on this gated model is both signs; the positive sign's threshold selection is checked against a brute force
+# at the accumulator level above, and through the workflow by the other tiny runs
+@pytest.mark.parametrize("sign", ["auto"])
 def test_threshold_mode_workflow_matches_brute_force_on_tiny_model(tiny_llama, tmp_path, sign):
     """The real workflow in threshold mode (two passes, quantile bins) against a plain forward over the corpus."""
     from transformers import AutoModelForCausalLM

@@ -608,6 +608,14 @@ def verification_ids(model: torch.nn.Module, batch: int = 2, length: int = 24, s
     return torch.randint(0, max(1, vocab), (batch, max(2, length)), generator=generator)
 
 
+def _check_finite(model: torch.nn.Module, layer: int, tensors: list[torch.Tensor]) -> None:
+    import torch
+
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise PipelineError(f"{_who(model)}: layer {layer}: the MLP computes NaN or inf on the verification batch "
+                            "(broken weights, or overflow in the model's dtype)")
+
+
 def _check_causal(model: torch.nn.Module, adapter: ModelAdapter, layers: list[int], input_ids: torch.Tensor,
                   dtype: str) -> None:
     """Caching pads on the right with no attention mask, which is exact only under causal attention: a later
@@ -673,6 +681,7 @@ def _verify_experts(model: torch.nn.Module, candidates: Candidates, input_ids: t
         worst, at = 0.0, 0
         for layer in layers:
             slot = capture.captured[layer]
+            _check_finite(model, layer, [slot["x"], outputs[layer]])
             act = slot["act"].reshape(-1, experts.n_units).double()
             index, route = slot["route"]
             down = adapter.block(model, layer).get_parameter(layout.out_proj).detach().double()  # [E, d, F]
@@ -732,6 +741,7 @@ def verify(model: torch.nn.Module, candidates: Candidates, input_ids: torch.Tens
         if slot.get("x") is None or slot.get("act") is None or any(p is None for p in slot["pre"]):
             raise PipelineError(f"{_who(model)}: layer {layer}: the MLP's projections did not run in a forward pass "
                                 f"(its forward does not call {candidates.out_proj} as a module)")
+        _check_finite(model, layer, [slot["x"], slot["act"], *slot["pre"]])
         x = slot["x"].double().reshape(-1, slot["x"].shape[-1])
         for (weight, bias), pre in zip(adapter.input_weights(model, layer), slot["pre"]):
             w = weight.double()
