@@ -25,6 +25,19 @@ import pyarrow.parquet as pq
 from neuron_embeddings import memory
 
 
+def weights_child(run: Path, layer: int, way: str) -> None:
+    """Only what the two ways differ in: getting the layer's input weights."""
+    from neuron_embeddings import models
+    from neuron_embeddings.adapters import adapter_for
+
+    if way == "before":
+        model, _, _ = models.load_prepared(run / "model")
+        adapter_for(model).input_weights(model, layer)
+    else:
+        models.layer_input_weights(run / "model", layer)
+    print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+
+
 def child(run: Path, layer: int, way: str, out: Path) -> None:
     from neuron_embeddings import embeddings, models
 
@@ -48,13 +61,16 @@ LLAMA_SHAPES = {
 }
 
 
-def estimates(shape: memory.Shape, layers: int, examples: int, window: int, batch: int) -> dict[str, int]:
+def estimates(shape: memory.Shape, layers: int, examples: int, window: int, batch: int, shard: int) -> dict[str, int]:
     deepest = shape.n_layers - 1
     return {
         "prepare_model (whole model, float32)": memory.whole_model_mb(shape),
-        f"caching ({layers} layers, deepest {deepest}, {examples} examples, batch {batch}x{window})": memory.caching_mb(
+        f"caching ({layers} layers, deepest {deepest}, {examples} examples, {shard:,} tokens a shard)": memory.caching_mb(
             shape, deepest_layer=deepest, cached_layers=layers, examples=examples, batch_tokens=batch * window,
-            shard_tokens=None),
+            shard_tokens=shard),
+        "caching, layers 0-3 (deepest 3)": memory.caching_mb(
+            shape, deepest_layer=3, cached_layers=layers, examples=examples, batch_tokens=batch * window,
+            shard_tokens=shard),
         "caching, GPU memory (bfloat16)": memory.gpu_mb(shape, deepest, "bfloat16", batch * window, layers),
         f"embeddings (one layer, {examples} examples)": memory.embedding_mb(shape, examples),
         "embeddings if it loaded the whole model (before)": memory.whole_model_mb(shape) // 2
@@ -67,10 +83,14 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("results/smollm2-demo"))
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--child", choices=["before", "after"])
+    parser.add_argument("--weights-only", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.child:
-        child(args.run, args.layer, args.child, args.out)
+        if args.weights_only:
+            weights_child(args.run, args.layer, args.child)
+        else:
+            child(args.run, args.layer, args.child, args.out)
         return
     layer = args.layer if args.layer is not None else min(
         int(p.stem.split("-")[1]) for p in (args.run / "selection").glob("layer-*.safetensors"))
@@ -82,19 +102,27 @@ def main() -> None:
                                    "--child", way, "--out", str(out)], capture_output=True, text=True, check=True)
             peaks[way] = json.loads(proc.stdout.strip().splitlines()[-1])["maxrss_kib"] / 1024
             tables[way] = pq.read_table(out)
+        weights = {}
+        for way in ("before", "after"):
+            proc = subprocess.run([sys.executable, __file__, "--run", str(args.run), "--layer", str(layer),
+                                   "--child", way, "--weights-only"], capture_output=True, text=True, check=True)
+            weights[way] = json.loads(proc.stdout.strip().splitlines()[-1])["maxrss_kib"] / 1024
     assert tables["before"].equals(tables["after"]), "the two ways wrote different embeddings"
     manifest = json.loads((args.run / "model/neuron_embeddings.json").read_text())
     print(f"embedding job, layer {layer} of {args.run} ({manifest['architecture']}, {manifest['parameters'] / 1e6:.0f} M "
           f"parameters, {tables['after'].num_rows} rows):")
     print(f"  before (whole model in float32): peak RSS {peaks['before']:8.0f} MiB")
     print(f"  after  (one layer by name):      peak RSS {peaks['after']:8.0f} MiB   ({peaks['after'] / peaks['before']:.2f}x)")
+    print(f"  getting the layer's weights alone: {weights['before']:.0f} MiB before, {weights['after']:.0f} MiB after "
+          f"(a process that imports torch and transformers and does nothing else: see RUNTIME_MB)")
     shape = memory.model_shape(args.run / "model", None)
     print(f"  declared mem_mb for this job: {memory.embedding_mb(shape, 40)} (estimate, 40 examples per neuron)")
     print()
-    print("declared memory (mem_mb, MiB) for Llama-shaped models, paper's selection (cap 200), 4 cached layers:")
+    print("declared memory (mem_mb, MiB) for Llama-shaped models, paper's selection (cap 200), 4 cached layers, "
+          "float32 x store, batches of 16 x 128 tokens:")
     for name, llama in LLAMA_SHAPES.items():
         print(f"  {name}:")
-        for what, mb in estimates(llama, 4, 200, 128, 16).items():
+        for what, mb in estimates(llama, 4, 200, 128, 16, 1_000_000).items():
             print(f"    {what:72s} {mb:>8,d}")
 
 

@@ -50,13 +50,14 @@ def test_shape_from_a_prepared_manifest(tmp_path):
 
 
 def test_dry_run_defers_memory_until_the_model_is_prepared(tiny_llama, tiny_corpus, tmp_path):
-    """Before prepare_model, a caching job's mem_mb is <TBD> (not a guess); after, a number from the manifest."""
+    """Before prepare_model and the corpus, a caching job's mem_mb is <TBD> (not a guess); after, a number from the
+    manifest and the shard's size."""
     config = tiny_config(tiny_llama, tiny_corpus)
     proc = run_snakemake(tmp_path, config, "-n", "-p")
     text = proc.stdout + proc.stderr
     block = text[text.index("rule cache_activations"):][:1500]
     assert "mem_mb=<TBD>" in block and "gpu_mem_mb=<TBD>" in block
-    run_snakemake(tmp_path, config, "results/tiny/model")
+    run_snakemake(tmp_path, config, "results/tiny/model", "results/tiny/corpus/documents.parquet")
     text = (lambda p: p.stdout + p.stderr)(run_snakemake(tmp_path, config, "-n"))
     block = text[text.index("rule cache_activations"):][:1500]
     assert "<TBD>" not in block

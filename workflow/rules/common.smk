@@ -319,9 +319,14 @@ def _batch_tokens():
     return (16 if batch == "auto" else int(batch)) * config["corpus"]["window_tokens"]
 
 
-def _shard_tokens():
-    cap = config["corpus"].get("max_tokens")
-    return -(-int(cap) // len(SHARDS)) if cap else None
+def _shard_tokens(input):
+    """At most this many tokens in the job's shard (its windows x window_tokens, from the Parquet footer): the x
+    rows a caching job keeps are bounded by it as well as by neurons x examples."""
+    import pyarrow.parquet as pq
+
+    if not os.path.isfile(input.shard):
+        raise FileNotFoundError(2, "the corpus is not tokenized yet", input.shard)
+    return pq.ParquetFile(input.shard).metadata.num_rows * config["corpus"]["window_tokens"]
 
 
 def _examples_per_neuron():
@@ -333,7 +338,7 @@ def caching_mem_mb(wildcards, input, attempt):
     layers = group_layers(wildcards.group)
     return attempt * memory.caching_mb(
         _prepared_shape(input), deepest_layer=max(layers), cached_layers=len(layers),
-        examples=_examples_per_neuron(), batch_tokens=_batch_tokens(), shard_tokens=_shard_tokens(),
+        examples=_examples_per_neuron(), batch_tokens=_batch_tokens(), shard_tokens=_shard_tokens(input),
         store_dtype=config["activations"].get("store_dtype", "float32"),
     )
 
@@ -359,9 +364,10 @@ def _deepest_layer(wildcards):
 def layer_model_mem_mb(wildcards, input, attempt):
     """A job that runs the model up to one layer (token importance, SAE training and caching)."""
     layer = _deepest_layer(wildcards)
+    cap = config["corpus"].get("max_tokens")
     return attempt * memory.caching_mb(
         _prepared_shape(input), deepest_layer=layer, cached_layers=1, examples=_examples_per_neuron(),
-        batch_tokens=_batch_tokens(), shard_tokens=_shard_tokens(),
+        batch_tokens=_batch_tokens(), shard_tokens=int(cap) if cap else None,
     )
 
 
