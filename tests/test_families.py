@@ -196,30 +196,20 @@ def test_mixture_of_experts_is_read_from_its_config_alone(family, tmp_path):
     assert inspection.candidates.experts.n_units == inspection.candidates.n_neurons == n_experts * per_expert + shared
 
 
-def test_wrong_expert_activation_fails_with_family_layer_and_mismatch():
+@pytest.mark.parametrize("family, name", [("gpt2", "GPT2LMHeadModel"), ("mixtral", "MixtralForCausalLM")])
+def test_wrong_activation_fails_with_family_layer_and_mismatch(family, name):
+    """A reading that cannot reproduce the activation stops with one line naming the family, layer and error:
+    GPT-2 uses the tanh GELU and Mixtral SiLU; offered only the erf GELU, verification must refuse (for GPT-2 the
+    two GELUs differ by ~1e-4)."""
     from families import tiny_model
 
-    model = tiny_model("mixtral")
+    model = tiny_model(family)
     candidates = adapters.find_candidates(model)
     wrong = adapters.Candidates(**{**candidates.__dict__, "activations": ("config:gelu",)})
     with pytest.raises(PipelineError) as info:
         adapters.verify(model, wrong, adapters.verification_ids(model))
     message = str(info.value)
-    assert "MixtralForCausalLM (model_type 'mixtral')" in message and "layer " in message and "off by" in message
-
-
-def test_wrong_activation_fails_with_family_layer_and_mismatch():
-    """A reading that cannot reproduce the activation stops with one line naming the family, layer and error."""
-    from families import tiny_model
-
-    model = tiny_model("gpt2")
-    candidates = adapters.find_candidates(model)
-    # GPT-2 uses the tanh GELU; offered only the erf GELU, verification must refuse (they differ by ~1e-4)
-    wrong = adapters.Candidates(**{**candidates.__dict__, "activations": ("config:gelu",)})
-    with pytest.raises(PipelineError) as info:
-        adapters.verify(model, wrong, adapters.verification_ids(model))
-    message = str(info.value)
-    assert "GPT2LMHeadModel (model_type 'gpt2')" in message and "layer " in message and "off by" in message
+    assert f"{name} (model_type '{family}')" in message and "layer " in message and "off by" in message
     assert "\n" not in message
 
 
@@ -287,3 +277,13 @@ def test_hub_id_is_checked_from_its_config_before_any_weight_is_fetched(tmp_path
         prepare_model(ModelSource("someone/tiny-dense"), tmp_path / "dense")
     assert "could not load" in str(no_weights.value)  # it got past the check to the (absent) weights
     assert not (tmp_path / "moe").exists() and not (tmp_path / "dense").exists()
+
+
+def test_auto_sign_is_both_for_gated_mlps_and_positive_otherwise():
+    from types import SimpleNamespace
+
+    from neuron_embeddings.activations import resolve_sign
+
+    assert resolve_sign("auto", SimpleNamespace(n_projections=2)) == "both"  # act(gate) * up
+    assert resolve_sign("auto", SimpleNamespace(n_projections=1)) == "positive"  # GELU, ReLU
+    assert resolve_sign("negative", SimpleNamespace(n_projections=2)) == "negative"

@@ -616,26 +616,30 @@ def _check_finite(model: torch.nn.Module, layer: int, tensors: list[torch.Tensor
                             "(broken weights, or overflow in the model's dtype)")
 
 
-def _check_causal(model: torch.nn.Module, adapter: ModelAdapter, layers: list[int], input_ids: torch.Tensor,
-                  dtype: str) -> None:
-    """Caching pads on the right with no attention mask, which is exact only under causal attention: a later
-    token must never change an earlier position."""
+def _verification_forward(model: torch.nn.Module, adapter: ModelAdapter, layers: list[int], ids: torch.Tensor,
+                          stop_after_last: bool = True) -> dict[int, dict]:
+    """One forward pass of the verification batch with the capture hooks; a failing forward is a one-line error."""
     import torch
 
-    device = next(model.parameters()).device
-    runs = []
-    for ids in (input_ids, input_ids.clone()):
-        if runs:
-            ids[:, -1] = (ids[:, -1] + 1) % int(model.get_input_embeddings().num_embeddings)
-        try:
-            with MLPCapture(model, adapter, layers, stop_after_last=True) as capture, torch.inference_mode():
-                run_capture(adapter.body(model), ids.to(device))
-        except Exception as exc:  # the model's own forward failed on a plain batch of token ids
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PipelineError(f"{_who(model)}: the verification forward pass failed: {first}") from None
-        runs.append(capture.captured)
+    try:
+        with MLPCapture(model, adapter, layers, stop_after_last) as capture, torch.inference_mode():
+            run_capture(adapter.body(model), ids.to(next(model.parameters()).device))
+    except Exception as exc:  # the model's own forward failed on a plain batch of token ids
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"{_who(model)}: the verification forward pass failed: {first}") from None
+    return capture.captured
+
+
+def _check_causal(model: torch.nn.Module, adapter: ModelAdapter, layers: list[int], input_ids: torch.Tensor,
+                  dtype: str) -> dict[int, dict]:
+    """Caching pads on the right with no attention mask, which is exact only under causal attention: a later
+    token must never change an earlier position. Returns the captures of the unchanged batch."""
+    first = _verification_forward(model, adapter, layers, input_ids)
+    changed = input_ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % int(model.get_input_embeddings().num_embeddings)
+    second = _verification_forward(model, adapter, layers, changed)
     for layer in layers:
-        before, after = runs[0][layer].get("act"), runs[1][layer].get("act")
+        before, after = first[layer].get("act"), second[layer].get("act")
         if before is None or after is None:
             continue
         drift = float(((before[:, :-1].double() - after[:, :-1].double()).abs() / (1.0 + before[:, :-1].double().abs())).max())
@@ -644,6 +648,7 @@ def _check_causal(model: torch.nn.Module, adapter: ModelAdapter, layers: list[in
                 f"{_who(model)}: layer {layer}: changing the last token changed the MLP's activations at earlier "
                 f"positions by {drift:.1e}: attention is not causal, and the method needs a decoder-only model"
             )
+    return first
 
 
 def _verify_experts(model: torch.nn.Module, candidates: Candidates, input_ids: torch.Tensor, dtype: str) -> Verification:
@@ -655,7 +660,6 @@ def _verify_experts(model: torch.nn.Module, candidates: Candidates, input_ids: t
     experts = candidates.experts
     assert experts is not None
     layers = list(range(candidates.n_layers))
-    device = next(model.parameters()).device
     best: tuple[float, int, MLPLayout] | None = None
     for layout in candidates.layouts():
         adapter = ModelAdapter(layout)
@@ -670,17 +674,13 @@ def _verify_experts(model: torch.nn.Module, candidates: Candidates, input_ids: t
                 handles.append(block.get_submodule(experts.shared_out).register_forward_pre_hook(
                     lambda _m, args, layer=layer: shared_in.__setitem__(layer, args[0].detach())))
         try:
-            with MLPCapture(model, adapter, layers, stop_after_last=False) as capture, torch.inference_mode():
-                run_capture(adapter.body(model), input_ids.to(device))
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PipelineError(f"{_who(model)}: the verification forward pass failed: {first}") from None
+            captured = _verification_forward(model, adapter, layers, input_ids, stop_after_last=False)
         finally:
             for handle in handles:
                 handle.remove()
         worst, at = 0.0, 0
         for layer in layers:
-            slot = capture.captured[layer]
+            slot = captured[layer]
             _check_finite(model, layer, [slot["x"], outputs[layer]])
             act = slot["act"].reshape(-1, experts.n_units).double()
             index, route = slot["route"]
@@ -727,17 +727,10 @@ def verify(model: torch.nn.Module, candidates: Candidates, input_ids: torch.Tens
     layouts = list(candidates.layouts())
     adapter = ModelAdapter(layouts[0])
     layers = list(range(candidates.n_layers))
-    device = next(model.parameters()).device
-    _check_causal(model, adapter, layers, input_ids, dtype)
-    try:
-        with MLPCapture(model, adapter, layers, stop_after_last=True) as capture, torch.inference_mode():
-            run_capture(adapter.body(model), input_ids.to(device))
-    except Exception as exc:  # the model's own forward failed on a plain batch of token ids
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"{_who(model)}: the verification forward pass failed: {first}") from None
+    captured = _check_causal(model, adapter, layers, input_ids, dtype)
     worst_pre, where_pre = 0.0, 0
     for layer in layers:
-        slot = capture.captured[layer]
+        slot = captured[layer]
         if slot.get("x") is None or slot.get("act") is None or any(p is None for p in slot["pre"]):
             raise PipelineError(f"{_who(model)}: layer {layer}: the MLP's projections did not run in a forward pass "
                                 f"(its forward does not call {candidates.out_proj} as a module)")
@@ -761,7 +754,7 @@ def verify(model: torch.nn.Module, candidates: Candidates, input_ids: torch.Tens
         order = [layouts[0].projections.index(p) for p in layout.projections]
         worst, at = 0.0, 0
         for layer in layers:
-            slot = capture.captured[layer]
+            slot = captured[layer]
             pre = [slot["pre"][i] for i in order]
             fn = activation_callable(layout.activation, adapter.block(model, layer))
             with torch.inference_mode():
