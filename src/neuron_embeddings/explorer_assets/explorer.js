@@ -192,10 +192,11 @@
       (j < example.c ? parts.before : parts.after).append(span);
     });
     // The sign is part of the example: a gated neuron's negative examples (selection.sign both or negative)
-    const label = "#" + example.r + "  " + (example.a < 0 ? "\u2212" + fmt(-example.a, 2) + " (negative)" : "+" + fmt(example.a, 2)) +
+    const label = "#" + example.r + "  " + (example.a < 0 ? "\u2212" + fmt(-example.a, 2) : "+" + fmt(example.a, 2)) +
       (example.s ? "  " + example.s : "");
     const meta = el("span", { class: "meta", text: label });
     meta.title = "example rank " + example.r + (central ? " (the cluster's central example)" : "") + ", activation " + fmt(example.a) +
+      (example.a < 0 ? " (a negative example)" : "") +
       "\ndocument " + example.d + ", token " + example.p + ": " + (block.origins[String(example.d)] || "") +
       (mode === "importance" && !hasImportance ? "\nno token importance for this example" : "");
     const row = el("div", { class: "ex" + (central ? " central" : "") + (hasImportance ? " has-importance" : "") },
