@@ -1,6 +1,7 @@
 # The neuron-embedding pipeline. Stages, one rule file each, data flowing one way:
 # model -> corpus -> activations (GPU) -> selection -> embeddings -> clustering -> metrics -> report
-# and, from there, the analyses (token importance: GPU) -> per-layer plots, run table, and the static explorer
+# and, from there, the analyses (token importance: GPU) -> per-layer plots, run table, and the static explorer;
+# with several models (config key models), each goes through model -> metrics and the comparison puts them side by side
 from snakemake.utils import min_version
 
 min_version("8.20")
@@ -30,6 +31,7 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/analyses.smk"
 include: "workflow/rules/explorer.smk"
 include: "workflow/rules/sae.smk"
+include: "workflow/rules/comparison.smk"
 
 
 rule all:

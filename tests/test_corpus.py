@@ -143,8 +143,7 @@ def test_build_corpus_documents_and_windows(tmp_path, tokenizer):
         ("path:" + str(root / "docs.jsonl"), f"{root / 'docs.jsonl'}:3", "the fox"),
         ("path:" + str(root / "docs.jsonl"), f"{root / 'docs.jsonl'}:5", SENTENCES[2]),
         ("path:" + str(root / "docs.parquet"), f"{root / 'docs.parquet'}#0", SENTENCES[4]),
-        ("path:" + str(root / "docs.parquet"), f"{root / 'docs.parquet'}#1", "gold"),
-        ("path:" + str(root / "docs.parquet"), f"{root / 'docs.parquet'}#3", SENTENCES[3] + " " + SENTENCES[4]),
+        # "#1" ("gold", one token) gives no window, so the run never sees it; "#3" is a copy of a.txt: dropped
     ]
     rows = docs.to_pylist()
     assert [r["document"] for r in rows] == list(range(len(expected_docs)))
@@ -172,11 +171,16 @@ def test_build_corpus_documents_and_windows(tmp_path, tokenizer):
         assert rebuilt == ids[:kept]
     assert [w["document"] for w in windows] == sorted(w["document"] for w in windows)  # corpus order
 
-    assert summary == {
+    assert {k: summary[k] for k in ("documents", "windows", "tokens", "duplicates_dropped", "sampled")} == {
         "documents": len(expected_docs),
         "windows": len(windows),
         "tokens": sum(len(w["input_ids"]) for w in windows),
+        "duplicates_dropped": 1,
+        "sampled": False,
     }
+    assert summary["documents_read"] == len(expected_docs) + 2
+    assert summary["sources"]["path:" + str(root / "docs.parquet")] == {"read": 3, "duplicates": 1, "documents": 1,
+                                                                         "tokens": len(windows[-1]["input_ids"])}
 
 
 def test_build_corpus_is_deterministic(tmp_path, tokenizer):
@@ -184,12 +188,13 @@ def test_build_corpus_is_deterministic(tmp_path, tokenizer):
     build_corpus(sources, tokenizer, SETTINGS, tmp_path / "one", NAMES)
     build_corpus(sources, tokenizer, SETTINGS, tmp_path / "two", NAMES)
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert names == ["documents.parquet", "shard-0.parquet", "shard-1.parquet", "shard-2.parquet"]
+    assert names == ["documents.parquet", "shard-0.parquet", "shard-1.parquet", "shard-2.parquet", "summary.json"]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == names  # no temporary files left behind
     for name in names:
         a, b = (tmp_path / "one" / name), (tmp_path / "two" / name)
-        assert pq.read_table(a).equals(pq.read_table(b))
-        assert pq.read_schema(a).metadata == pq.read_schema(b).metadata
+        if name.endswith(".parquet"):
+            assert pq.read_table(a).equals(pq.read_table(b))
+            assert pq.read_schema(a).metadata == pq.read_schema(b).metadata
         assert a.read_bytes() == b.read_bytes()
 
 
@@ -263,7 +268,7 @@ def test_seed_and_max_documents(tmp_path, tokenizer):
     folder = tmp_path / "many"
     folder.mkdir()
     for i in range(12):
-        (folder / f"{i:02d}.txt").write_text(f"{SENTENCES[i % 5]} {SENTENCES[(i + 1) % 5]}")
+        (folder / f"{i:02d}.txt").write_text(f"{SENTENCES[i % 5]} {SENTENCES[(i + 1 + i // 5) % 5]}")  # distinct
     source = {"path": str(folder / "*.txt"), "seed": 3, "max_documents": 5}
     settings = CorpusSettings(window_tokens=8, n_shards=1, max_tokens=None, prepend_bos=True)
     build_corpus([source], tokenizer, settings, tmp_path / "a", ["x"])

@@ -53,6 +53,30 @@ def validate_config(config: dict[str, Any], schema_path: str | os.PathLike) -> N
     raise PipelineError(f"{where}: {value} is not allowed: {error.message}")
 
 
+def model_entries(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's models, the reference first, each with a name and its layers: `models` as given, or the one
+    `model` (named after its source)."""
+    if "models" in config:
+        entries = [dict(entry) for entry in config["models"]]
+    else:
+        source = str(config["model"]["source"]).rstrip("/")
+        entries = [{**config["model"], "name": source.split(":")[-1].split("/")[-1] or "model"}]
+    names = [entry["name"] for entry in entries]
+    for name in names:
+        if names.count(name) > 1:
+            raise PipelineError(f"models: the name '{name}' is used twice")
+    for entry in entries:
+        entry.setdefault("layers", list(config["layers"]))
+        entry["layers"] = sorted(entry["layers"])
+    return entries
+
+
+def tokenizer_key(entry: dict[str, Any]) -> tuple[str, str | None]:
+    """Models with equal keys tokenize alike and share one corpus: the same source (a random-initialised control,
+    or another revision of a hub model: checkpoints of one training run keep their tokenizer)."""
+    return (str(entry["source"]), entry.get("gguf_file"))
+
+
 def threshold_for(layer: int, threshold: float | dict[str, Any]) -> float:
     """The clustering threshold of one layer: a number, or {default, per_layer: {"0": 0.5}}."""
     if isinstance(threshold, dict):
@@ -134,9 +158,18 @@ def check_corpus(config: dict[str, Any]) -> None:
         )
 
 
-def check_config(config: dict[str, Any], prepared_model: str | os.PathLike | None = None) -> None:
+def check_config(config: dict[str, Any], prepared_model: str | os.PathLike | None = None,
+                 prepared_models: dict[str, str] | None = None) -> None:
     """Everything that can be known wrong before a job runs; raises PipelineError (one line, naming the key)."""
-    check_model(config, prepared_model)
+    entries = model_entries(config)
+    for index, entry in enumerate(entries):
+        where = (prepared_models or {}).get(entry["name"], prepared_model if index == 0 else None)
+        try:
+            check_model({**config, "model": entry, "layers": entry["layers"]}, where)
+        except PipelineError as exc:
+            if "models" not in config:
+                raise
+            raise PipelineError(f"models[{index}] ({entry['name']}): {exc}") from None
     check_corpus(config)
     sel = config["selection"]
     needed = sel.get("context_before", 20) + sel.get("context_after", 10) + 1

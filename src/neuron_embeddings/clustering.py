@@ -4,6 +4,9 @@ The reference method (the paper's): cosine similarity between every pair of a ne
 wherever it exceeds the threshold, connected components as clusters. `agglomerative` (average linkage on
 cosine distance, cut at 1 - threshold) is offered for comparison. Clusters are numbered by size, largest
 first (ties: the one holding the stronger example first), so labels are deterministic.
+
+A neuron whose embeddings are all zero (its input weights are zero, so x * w carries nothing) has no direction
+to cluster by: it gets no clusters (cluster -1, `NO_CLUSTER`) and the metrics mark it dead.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from .errors import PipelineError
 from .storage import parquet_provenance, provenance, write_parquet
 
 METHODS = ("threshold_graph", "agglomerative")
+NO_CLUSTER = -1  # the cluster of every example of a neuron with all-zero embeddings
+ZERO_NORM = 1e-6  # an embedding this small against the layer's median norm counts as zero
 
 
 def cosine_similarity_matrix(emb: np.ndarray) -> np.ndarray:
@@ -62,12 +67,33 @@ def agglomerative(sim: np.ndarray, threshold: float) -> np.ndarray:
     return _canonical_labels(fcluster(tree, np.nextafter(1.0 - threshold, -np.inf), criterion="distance") - 1)
 
 
+def cluster_labels(sim: np.ndarray, threshold: float, method: str) -> np.ndarray:
+    """Cluster labels from a cosine-similarity matrix (canonical numbering)."""
+    if method not in METHODS:
+        raise PipelineError(f"clustering.method: '{method}' is not one of {', '.join(METHODS)}")
+    if len(sim) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return threshold_graph(sim, threshold) if method == "threshold_graph" else agglomerative(sim, threshold)
+
+
+def zero_norm_scale(emb: np.ndarray) -> float:
+    """The norm below which a layer's embedding counts as zero: ZERO_NORM x the median nonzero row norm."""
+    norms = np.linalg.norm(emb.astype(np.float64), axis=1) if emb.size else np.zeros(0)
+    nonzero = norms[norms > 0]
+    return float(ZERO_NORM * np.median(nonzero)) if nonzero.size else 0.0
+
+
+def is_zero(emb: np.ndarray, scale: float) -> bool:
+    """Whether every row of one neuron's embeddings is (numerically) zero."""
+    return not emb.size or float(np.linalg.norm(emb.astype(np.float64), axis=1).max()) <= scale
+
+
 def cluster_neuron(emb: np.ndarray, threshold: float, method: str = "threshold_graph") -> dict[str, np.ndarray]:
     """Cluster one neuron's examples (rows of emb, in rank order)."""
     if not -1.0 <= threshold <= 1.0:
         raise PipelineError(f"clustering.threshold: {threshold} is outside [-1, 1]")
     sim = cosine_similarity_matrix(emb)
-    labels = threshold_graph(sim, threshold) if method == "threshold_graph" else agglomerative(sim, threshold)
+    labels = cluster_labels(sim, threshold, method)
     n = len(labels)
     sizes = np.bincount(labels)
     same = labels[:, None] == labels[None, :]
@@ -95,9 +121,16 @@ def cluster_layer(embeddings_path: str | os.PathLike, out_path: str | os.PathLik
         raise PipelineError(f"clustering.method: '{method}' is not one of {', '.join(METHODS)}")
     table, emb = load_layer(embeddings_path)
     neuron = table.column("neuron").to_numpy()
+    scale = zero_norm_scale(emb)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("cluster", "cluster_size", "is_central", "mean_similarity")}
+    dead = 0
     for _, start, stop in neuron_groups(neuron):
-        result = cluster_neuron(emb[start:stop], threshold, method)
+        if is_zero(emb[start:stop], scale):
+            n, dead = stop - start, dead + 1
+            result = {"cluster": np.full(n, NO_CLUSTER), "cluster_size": np.zeros(n), "is_central": np.zeros(n, bool),
+                      "mean_similarity": np.full(n, np.nan)}
+        else:
+            result = cluster_neuron(emb[start:stop], threshold, method)
         for key in parts:
             parts[key].append(result[key])
 
@@ -120,4 +153,4 @@ def cluster_layer(embeddings_path: str | os.PathLike, out_path: str | os.PathLik
     upstream = parquet_provenance(embeddings_path)
     meta = provenance("clustering", {"layer": layer, "threshold": threshold, "method": method}, model=upstream.get("model"))
     write_parquet(out, out_path, meta)
-    return {"neurons": len(neuron_groups(neuron))}
+    return {"neurons": len(neuron_groups(neuron)), "zero_embedding_neurons": dead}

@@ -57,6 +57,28 @@ def selected_entries(state: dict[str, np.ndarray], mode: str, sign: str = "posit
     return joined
 
 
+def store_rows(selection_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Per embeddings row (same order), its row in the selection's x stores, and the stores joined.
+
+    `embeddings.selected_entries` fixes the row order; handing it the row numbers in place of x gives, per
+    example, where its x is, without materialising x for every example.
+    """
+    state, meta = load_tensors(selection_path)
+    mode = meta.get("settings", {}).get("mode", "top_k")
+    indexed, stores, offset = dict(state), [], 0
+    for prefix in ("", "quantile."):
+        if f"{prefix}x" in state:
+            store = state[f"{prefix}x"]
+            if len(store) + offset >= 2**24:
+                raise PipelineError(f"{selection_path}: x store too large to index through float32 row numbers")
+            indexed[f"{prefix}x"] = (np.arange(len(store)) + offset)[:, None].astype(np.float32)
+            stores.append(store)
+            offset += len(store)
+    sign = meta.get("cache_settings", {}).get("sign", "positive")
+    rows = selected_entries(indexed, mode, sign)["x"][:, 0].astype(np.int64)
+    return rows, np.concatenate(stores).astype(np.float32)
+
+
 def invariant_error(embedding: np.ndarray, biases: np.ndarray, pre: np.ndarray) -> np.ndarray:
     """Per row and projection: |sum(e_j) + b_j - pre_j| / (1 + sum |e_j|)."""
     n_proj = pre.shape[1]

@@ -33,6 +33,8 @@ import pyarrow as pa
 
 from . import __version__, schemas
 from .importance import display_order, read_columns
+from .figures import finite
+from .metrics import live, summarize_layer
 from .report import pick_neurons
 from .storage import load_tensors, parquet_provenance, read_parquet
 from .sweep import sweep_curve
@@ -40,8 +42,9 @@ from .sweep import sweep_curve
 ASSETS = Path(__file__).parent / "explorer_assets"
 ASSET_FILES = ("index.html", "explorer.js", "explorer.css")
 METRIC_COLUMNS = (
-    "expert", "size", "n_clusters", "largest_cluster_share", "mean_distance", "max_distance", "mean_intra_distance",
-    "mean_inter_distance", "max_activation", "min_activation", "mean_activation", "frac_positive",
+    "expert", "status", "size", "duplicates", "n_clusters", "largest_cluster_share", "mean_distance", "max_distance",
+    "mean_intra_distance", "mean_inter_distance", "ari_token", "single_token_cluster_share", "n_clusters_input",
+    "ari_input", "stability", "max_activation", "min_activation", "mean_activation", "frac_positive",
 )
 
 
@@ -133,7 +136,9 @@ class LayerData:
         data: dict[str, Any] = {"neuron": m.column("neuron").to_pylist()}
         for name in METRIC_COLUMNS:
             values = m.column(name).to_pylist()
-            data[name] = values if pa.types.is_integer(m.schema.field(name).type) else [None if v is None else round(v, 4) for v in values]
+            kind = m.schema.field(name).type
+            exact = pa.types.is_integer(kind) or pa.types.is_string(kind)
+            data[name] = values if exact else [None if v is None or not math.isfinite(v) else round(v, 4) for v in values]
         sweep_neurons = self.sweep.column("neuron").to_numpy()[::n_thresholds].tolist()
         data["sweep"] = dict(zip(map(str, sweep_neurons), sweep_counts.reshape(-1, n_thresholds).tolist()))
         data["featured"] = {"most": most, "least": least}
@@ -141,18 +146,24 @@ class LayerData:
         return data
 
     def summary(self) -> dict[str, Any]:
-        clusters = self.metrics.column("n_clusters").to_numpy()
-        distance = np.array([v for v in self.metrics.column("mean_distance").to_pylist() if v is not None])
+        """The layer's figures over live units (metrics.summarize_layer), with the histograms the page draws."""
+        kept = live(self.metrics)
+        layer = summarize_layer(self.metrics)
+        clusters = kept.column("n_clusters").to_numpy()
+        distance = finite(kept.column("mean_distance").to_pylist())
         top = int(clusters.max(initial=1))
         distance_bins = np.linspace(0.0, max(1.0, float(distance.max(initial=0.0))), 31)
         return {
             "neurons": int(self.metrics.num_rows),
+            "live": layer["live"],
+            "left_out": layer["left_out"],
+            "baselines": layer["baselines"],
             "threshold": self.threshold,
-            "clusters_per_neuron_mean": float(clusters.mean()) if clusters.size else None,
-            "frac_polysemantic": float((clusters > 1).mean()) if clusters.size else None,
+            "clusters_per_neuron_mean": layer["clusters_per_neuron_mean"],
+            "frac_polysemantic": layer["frac_polysemantic"],
             "clusters_hist": {"start": 1, "counts": histogram_counts(clusters, np.arange(0.5, top + 1.5))},
             "distance_hist": {"edges": np.round(distance_bins, 4).tolist(), "counts": histogram_counts(distance, distance_bins)},
-            "sweep": sweep_curve(self.sweep),
+            "sweep": sweep_curve(self.sweep, kept.column("neuron").to_pylist()),
         }
 
     def search_file(self) -> dict[str, Any]:

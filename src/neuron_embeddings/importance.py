@@ -60,13 +60,15 @@ def read_columns(path: str | os.PathLike, expected: pa.Schema, columns: list[str
 def display_order(clusters: pa.Table) -> list[np.ndarray]:
     """Per (neuron, cluster) in order, the clusters table's row numbers as shown: central first, then by rank.
 
-    The clusters table is sorted by neuron then example_rank, and clusters are numbered largest first.
+    The clusters table is sorted by neuron then example_rank, and clusters are numbered largest first. A dead
+    unit's examples (cluster -1: no clusters) are not shown.
     """
     neuron = clusters.column("neuron").to_numpy()
     cluster = clusters.column("cluster").to_numpy()
     rank = clusters.column("example_rank").to_numpy()
     central = clusters.column("is_central").to_numpy(zero_copy_only=False)
     order = np.lexsort((rank, ~central, cluster, neuron))
+    order = order[cluster[order] >= 0]
     key = neuron[order].astype(np.int64) * (int(cluster.max(initial=0)) + 1) + cluster[order]
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
     return np.split(order, starts[1:]) if len(key) else []

@@ -109,8 +109,24 @@ def load_source(spec: ModelSource) -> tuple[torch.nn.Module, Any]:
         raise
     except Exception as exc:  # transformers raises many types; the user needs the source and the reason
         raise PipelineError(f"model.source: could not load '{spec.source}': {_one_line(exc)}") from None
+    if spec.random_init_seed is not None:
+        model = random_init(model, spec.random_init_seed, spec.trust_remote_code)
     model.float().eval()
     return model, tokenizer
+
+
+def random_init(model: torch.nn.Module, seed: int, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The same architecture and config with fresh weights, as the model's own initialiser draws them, seeded:
+    the control a trained model's polysemanticity is compared with (a model that learned nothing)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    del model
+    devices = torch.random.fork_rng(devices=[])  # leave the caller's generator where it was
+    with devices:
+        torch.manual_seed(seed)
+        fresh = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, torch_dtype=torch.float32)
+    return fresh
 
 
 @dataclass(frozen=True)
@@ -128,6 +144,7 @@ class ModelInfo:
     parameters: int = 0
     layout: dict[str, Any] | None = None  # adapters.MLPLayout, verified on load
     verification: dict[str, Any] | None = None  # its worst errors on the verification batch
+    random_init_seed: int | None = None  # a random-initialised control of `source` (fresh weights, this seed)
     weights_by_name: bool = False  # the safetensors hold each projection under its module path
 
     @property
@@ -155,6 +172,7 @@ def describe(model: torch.nn.Module, spec: ModelSource) -> ModelInfo:
         family=layout.family,
         parameters=sum(p.numel() for p in model.parameters()),
         layout=layout.to_json(),
+        random_init_seed=spec.random_init_seed,
     )
 
 

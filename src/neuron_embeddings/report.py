@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 
 from . import __version__, schemas
+from .figures import hist
+from .metrics import live
 from .storage import atomic_path, parquet_provenance, read_parquet
 
 MAX_CLUSTERS_SHOWN = 8
@@ -57,21 +59,23 @@ def describe_selection(sel: dict[str, Any]) -> str:
 
 
 def layer_figure(metrics: pa.Table, layer: int) -> str:
-    """Two histograms (clusters per neuron, mean pairwise distance) as an inline PNG."""
+    """Three histograms over the layer's live neurons (clusters per neuron, mean pairwise distance, agreement of
+    the clusters with the max token) as an inline PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    clusters = metrics.column("n_clusters").to_numpy()
-    distance = np.array([v for v in metrics.column("mean_distance").to_pylist() if v is not None])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3), dpi=100)
-    if clusters.size:
-        axes[0].hist(clusters, bins=np.arange(0.5, clusters.max() + 1.5), color="#4c72b0")
-    axes[0].set(title=f"layer {layer}: feature clusters per neuron", xlabel="clusters", ylabel="neurons")
-    if distance.size:
-        axes[1].hist(distance, bins=30, color="#dd8452")
-    axes[1].set(title=f"layer {layer}: mean pairwise cosine distance", xlabel="distance", ylabel="neurons")
+    kept = live(metrics)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3), dpi=100)
+    hist(axes[0], kept.column("n_clusters").to_numpy(), integer=True, empty_note="no live neurons", color="#4c72b0")
+    axes[0].set(title=f"layer {layer}: clusters per live neuron ({kept.num_rows} of {metrics.num_rows})",
+                xlabel="clusters", ylabel="neurons")
+    hist(axes[1], kept.column("mean_distance").to_pylist(), 30, empty_note="no live neurons", color="#dd8452")
+    axes[1].set(title="mean pairwise cosine distance", xlabel="distance", ylabel="neurons")
+    hist(axes[2], kept.column("ari_token").to_pylist(), np.linspace(-0.5, 1.0, 31), empty_note="no live neurons",
+         color="#55a868")
+    axes[2].set(title="clusters vs max token (ARI; 1 = token identity)", xlabel="adjusted Rand index", ylabel="neurons")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -97,9 +101,8 @@ def render_example(tokens: list[str], acts: list[float], center: int, scale: flo
 
 
 def pick_neurons(metrics: pa.Table, count: int) -> tuple[list[int], list[int]]:
-    """Most and least polysemantic neurons: by clusters, then by mean distance."""
-    rows = metrics.select(["neuron", "n_clusters", "mean_distance", "size"]).to_pylist()
-    rows = [r for r in rows if r["size"] > 1]
+    """Most and least polysemantic live neurons: by clusters, then by mean distance."""
+    rows = live(metrics).select(["neuron", "n_clusters", "mean_distance", "size"]).to_pylist()
     key = lambda r: (r["n_clusters"], r["mean_distance"] or 0.0, -r["neuron"])  # noqa: E731
     ordered = sorted(rows, key=key)
     most = [r["neuron"] for r in reversed(ordered[-count:])] if count else []
@@ -117,6 +120,10 @@ def neuron_section(neuron: int, metric: dict[str, Any], examples: list[dict[str,
         f'intra {fmt(metric["mean_intra_distance"])}, inter {fmt(metric["mean_inter_distance"])}, '
         f'activation over the corpus from {fmt(metric.get("min_activation"))} to {fmt(metric["max_activation"])}; '
         f'{sum(e["activation"] < 0 for e in examples)} of the examples negative</p>',
+        f'<p class="muted">clusters vs max token: ARI {fmt(metric.get("ari_token"), 2)}, '
+        f'{fmt(metric.get("single_token_cluster_share"), 2)} of the clusters on one token; x alone (no weights): '
+        f'{fmt(metric.get("n_clusters_input"))} clusters, ARI {fmt(metric.get("ari_input"), 2)} with these; '
+        f'stability {fmt(metric.get("stability"), 2)}; {fmt(metric.get("duplicates"))} repeated contexts dropped</p>',
     ]
     by_cluster: dict[int, list[dict[str, Any]]] = {}
     for e in examples:
@@ -132,6 +139,86 @@ def neuron_section(neuron: int, metric: dict[str, Any], examples: list[dict[str,
         parts.append(f'<p class="muted">… and {len(by_cluster) - MAX_CLUSTERS_SHOWN} more clusters</p>')
     parts.append("</div>")
     return "\n".join(parts)
+
+
+def summary_tables(summary: dict[str, Any], comparison: dict[str, Any] | None) -> list[str]:
+    """The per-layer summary (live neurons only, with what was left out), the baselines, and, when the run
+    compares models, each other model's figures beside this one's."""
+    layers = sorted(summary["layers"].items(), key=lambda item: int(item[0]))
+    out = [
+        "<h2>Summary</h2>",
+        '<p class="muted">Polysemanticity figures are over live neurons only: a dead neuron (it never fires on the '
+        "selected sign, or its embeddings are zero) or one with fewer than the minimum number of examples is left "
+        "out, and counted here.</p>",
+        "<table><tr><th>layer</th><th>neurons</th><th>live</th><th>dead</th><th>few examples</th>"
+        "<th>median examples</th><th>clusters per neuron (mean)</th><th>median</th>"
+        "<th>polysemantic (&gt;1 cluster)</th><th>median mean distance</th><th>largest |activation| negative</th></tr>",
+    ]
+    for layer, row in layers:
+        left = row.get("left_out", {})
+        out.append(
+            f"<tr><td>{esc(layer)}</td><td>{row['neurons']}</td><td>{fmt(row.get('live'))}</td>"
+            f"<td>{fmt(left.get('dead'))}</td><td>{fmt(left.get('few_examples'))}</td>"
+            f"<td>{fmt((row.get('examples_per_live_neuron') or {}).get('median'), 1)}</td>"
+            f"<td>{fmt(row['clusters_per_neuron_mean'], 2)}</td><td>{fmt(row['clusters_per_neuron_median'], 1)}</td>"
+            f"<td>{fmt(row['frac_polysemantic'], 3)}</td><td>{fmt(row['mean_distance_median'])}</td>"
+            f"<td>{fmt(row.get('negative_dominant_share'), 3)}</td></tr>"
+        )
+    out.append("</table>")
+    out += [
+        "<h3>Baselines: what the clusters mean</h3>",
+        '<p class="muted">Medians over live neurons. <b>Token ARI</b>: agreement of a neuron\'s clusters with the '
+        "partition of its examples by max token (1: the clusters are just token identity). <b>One-token clusters</b>: "
+        "share of its clusters whose examples all sit on one token. <b>x alone</b>: clusters of the MLP inputs without "
+        "the neuron's weights, and their agreement (ARI) with the clusters of x * w: what the weights add. "
+        "<b>Stability</b>: mean ARI with the clusters of random subsets of its examples.</p>",
+        "<table><tr><th>layer</th><th>token ARI</th><th>one-token clusters</th><th>clusters, x alone</th>"
+        "<th>ARI x vs x*w</th><th>stability</th></tr>",
+    ]
+    for layer, row in layers:
+        b = row.get("baselines") or {}
+        out.append(
+            f"<tr><td>{esc(layer)}</td><td>{fmt(b.get('ari_token_median'), 2)}</td>"
+            f"<td>{fmt(b.get('single_token_cluster_share_median'), 2)}</td>"
+            f"<td>{fmt(b.get('clusters_input_only_median'), 1)}</td><td>{fmt(b.get('ari_input_median'), 2)}</td>"
+            f"<td>{fmt(b.get('stability_median'), 2)}</td></tr>"
+        )
+    out.append("</table>")
+    if comparison:
+        out += comparison_table(comparison)
+    return out
+
+
+def comparison_table(comparison: dict[str, Any]) -> list[str]:
+    """Every model of the run side by side, per matched layer: median clusters and polysemantic share of live
+    neurons (95% bootstrap intervals), token ARI and live share."""
+    models = comparison["models"]
+    out = [
+        "<h3>Models compared</h3>",
+        f'<p class="muted">Layers matched by {esc(comparison["matched_by"])}. Medians and shares over live neurons, '
+        "with 95% bootstrap intervals. The full comparison: <a href=\"../comparison/index.html\">comparison "
+        "report</a>.</p>",
+        "<table><tr><th>position</th>"
+        + "".join(f'<th class="l">{esc(m)}</th>' for m in models)
+        + "</tr>",
+    ]
+    for row in comparison["rows"]:
+        cells = []
+        for name in models:
+            entry = row["models"].get(name)
+            if entry is None:
+                cells.append("<td>–</td>")
+                continue
+            cells.append(
+                f'<td class="l">layer {esc(entry["layer"])}: {fmt(entry["clusters_median"]["value"], 1)} clusters '
+                f'[{fmt(entry["clusters_median"]["low"], 1)}, {fmt(entry["clusters_median"]["high"], 1)}], '
+                f'{fmt(entry["frac_polysemantic"]["value"], 2)} polysemantic '
+                f'[{fmt(entry["frac_polysemantic"]["low"], 2)}, {fmt(entry["frac_polysemantic"]["high"], 2)}]; '
+                f'token ARI {fmt(entry["ari_token_median"], 2)}; {esc(entry["live"])} of {esc(entry["neurons"])} live</td>'
+            )
+        out.append(f"<tr><td>{esc(row['position'])}</td>{''.join(cells)}</tr>")
+    out.append("</table>")
+    return out
 
 
 def sae_comparison_section(comparisons: list[tuple[str | os.PathLike, str | os.PathLike]]) -> list[str]:
@@ -198,8 +285,12 @@ def write_report(
     documents_path: str | os.PathLike,
     settings: dict[str, Any],
     sae_comparisons: list[tuple[str | os.PathLike, str | os.PathLike]] | None = None,
+    corpus_summary_path: str | os.PathLike | None = None,
+    comparison_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     summary = json.loads(open(summary_path).read())
+    corpus = json.loads(open(corpus_summary_path).read()) if corpus_summary_path else {}
+    comparison = json.loads(open(comparison_path).read()) if comparison_path else None
     documents = read_parquet(documents_path, schemas.DOCUMENTS)
     report_cfg = settings.get("report", {})
     count = int(report_cfg.get("neurons_shown", 4))
@@ -219,24 +310,17 @@ def write_report(
         f'<tr><th class="l">model</th><td class="l">{esc(model.get("source"))} ({esc(model.get("architecture"))}, '
         f'{esc(model.get("n_layers"))} layers, {esc(model.get("n_neurons"))} neurons per layer, '
         f'd_model {esc(model.get("d_model"))}, activation {esc(model.get("activation"))})</td></tr>',
-        f'<tr><th class="l">corpus</th><td class="l">{documents.num_rows} documents, {tokens} document tokens read; '
-        f'windows of {esc(cache.get("window_tokens"))} tokens</td></tr>',
+        f'<tr><th class="l">corpus</th><td class="l">{documents.num_rows} documents, {tokens} document tokens; '
+        f'windows of {esc(cache.get("window_tokens"))} tokens; {esc(corpus.get("tokens", "?"))} tokens seen by the model'
+        + (f' (a seeded sample of {esc(corpus["tokens_available"])})' if corpus.get("sampled") else "")
+        + f'; {esc(corpus.get("duplicates_dropped", "?"))} duplicate documents dropped</td></tr>',
         f'<tr><th class="l">selection</th><td class="l">{esc(describe_selection({**sel, "sign": cache.get("sign", "positive")}))}; compute dtype '
         f'{esc(cache.get("dtype"))}, stored x {esc(cache.get("store_dtype", "float32"))}</td></tr>',
         f'<tr><th class="l">clustering</th><td class="l">{esc(settings.get("clustering", {}).get("method", "threshold_graph"))}, '
         f'cosine-similarity threshold {esc(json.dumps(settings.get("clustering", {}).get("threshold")))}</td></tr>',
         "</table>",
-        "<h2>Summary</h2><table><tr><th>layer</th><th>neurons</th><th>clusters per neuron (mean)</th>"
-        "<th>median</th><th>polysemantic (&gt;1 cluster)</th><th>median mean distance</th>"
-        "<th>largest |activation| negative</th></tr>",
+        *summary_tables(summary, comparison),
     ]
-    for layer, row in sorted(summary["layers"].items(), key=lambda item: int(item[0])):
-        body.append(
-            f"<tr><td>{esc(layer)}</td><td>{row['neurons']}</td><td>{fmt(row['clusters_per_neuron_mean'], 2)}</td>"
-            f"<td>{fmt(row['clusters_per_neuron_median'], 1)}</td><td>{fmt(row['frac_polysemantic'], 3)}</td>"
-            f"<td>{fmt(row['mean_distance_median'])}</td><td>{fmt(row.get('negative_dominant_share'), 3)}</td></tr>"
-        )
-    body.append("</table>")
     for layer in sorted(metrics_paths):
         metrics = read_parquet(metrics_paths[layer], schemas.METRICS)
         body.append(f'<h2 id="layer-{layer}">Layer {layer}</h2>')

@@ -601,23 +601,15 @@ class _Fanout:
 
 def drop_inactive(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Empty every kept entry where the latent was not active (activation <= 0): a latent's examples are tokens
-    where it fires. (Neurons keep every entry: a SiLU or GELU neuron is almost never exactly 0.) Emptied entries
-    rank last in the merge (key -inf) and are skipped by the embedding stage, so a latent that fires on fewer
-    tokens than the selection asks for has fewer examples, and a latent that never fires has none."""
-    from .topk import NO_TOKEN
+    where it fires. Emptied entries rank last in the merge (key -inf) and are skipped by the embedding stage, so a
+    latent that fires on fewer tokens than the selection asks for has fewer examples, and one that never fires
+    has none (selection.finalize applies the same rule to the merged selection of neurons)."""
+    from .selection import PREFIXES, empty_entries
 
-    out = dict(state)
-    for prefix in ("", "quantile."):
-        if f"{prefix}values" not in state:
-            continue
-        off = ~(state[f"{prefix}values"] > 0)
-        out[f"{prefix}keys"] = torch.where(off, -torch.inf, state[f"{prefix}keys"])
-        out[f"{prefix}values"] = torch.where(off, -torch.inf, state[f"{prefix}values"])
-        out[f"{prefix}tokens"] = torch.where(off, NO_TOKEN, state[f"{prefix}tokens"])
-        out[f"{prefix}xrow"] = torch.where(off, -1, state[f"{prefix}xrow"])
-        out[f"{prefix}pre"] = torch.where(off[..., None], 0.0, state[f"{prefix}pre"])
-        out[f"{prefix}context"] = torch.where(off[..., None], torch.nan, state[f"{prefix}context"])
-    return out
+    for prefix in PREFIXES:
+        if f"{prefix}values" in state:
+            state = empty_entries(state, prefix, ~(state[f"{prefix}values"] > 0))
+    return state
 
 
 def cache_sae_shard(

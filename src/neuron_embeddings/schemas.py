@@ -61,26 +61,33 @@ CLUSTERS = pa.schema(
         pa.field("neuron", pa.int32(), nullable=False),
         pa.field("expert", pa.int32(), nullable=True),  # mixture of experts: the unit's expert (n_experts = shared); null if dense
         pa.field("example_rank", pa.int16(), nullable=False),
-        pa.field("cluster", pa.int32(), nullable=False),  # 0 = largest cluster of this neuron
+        pa.field("cluster", pa.int32(), nullable=False),  # 0 = largest cluster of this neuron; -1: none (dead unit)
         pa.field("cluster_size", pa.int32(), nullable=False),
         pa.field("is_central", pa.bool_(), nullable=False),  # highest mean similarity to its cluster
-        pa.field("mean_similarity", pa.float32(), nullable=False),  # to the rest of its cluster (1 if alone)
+        pa.field("mean_similarity", pa.float32(), nullable=False),  # to the rest of its cluster (1 if alone; NaN: none)
     ]
 )
 
-# metrics/layer-{layer}.parquet: one row per neuron that has at least one example.
+# metrics/layer-{layer}.parquet: one row per unit of the layer (every neuron), with its status.
 METRICS = pa.schema(
     [
         pa.field("layer", pa.int16(), nullable=False),
         pa.field("neuron", pa.int32(), nullable=False),
         pa.field("expert", pa.int32(), nullable=True),  # mixture of experts: the unit's expert (n_experts = shared); null if dense
+        pa.field("status", pa.string(), nullable=False),  # live, few_examples (< metrics.min_examples) or dead
         pa.field("size", pa.int32(), nullable=False),  # number of examples
-        pa.field("n_clusters", pa.int32(), nullable=False),
+        pa.field("duplicates", pa.int32(), nullable=False),  # examples dropped as copies of a kept context window
+        pa.field("n_clusters", pa.int32(), nullable=False),  # 0 for a dead unit
         pa.field("largest_cluster_share", pa.float32(), nullable=False),
-        pa.field("mean_distance", pa.float32(), nullable=True),  # mean pairwise cosine distance; null if size 1
+        pa.field("mean_distance", pa.float32(), nullable=True),  # mean pairwise cosine distance; null if size < 2
         pa.field("max_distance", pa.float32(), nullable=True),
         pa.field("mean_intra_distance", pa.float32(), nullable=True),  # null when no cluster has two examples
         pa.field("mean_inter_distance", pa.float32(), nullable=True),  # null when there is one cluster
+        pa.field("ari_token", pa.float32(), nullable=True),  # ARI of the clusters with the max tokens' ids
+        pa.field("single_token_cluster_share", pa.float32(), nullable=True),  # clusters whose examples share one token
+        pa.field("n_clusters_input", pa.int32(), nullable=True),  # the same clustering of x alone (no weights)
+        pa.field("ari_input", pa.float32(), nullable=True),  # ARI of the x * w clusters with the x-only clusters
+        pa.field("stability", pa.float32(), nullable=True),  # mean ARI with reclustered subsets of the examples
         pa.field("max_activation", pa.float32(), nullable=False),  # over all cached tokens
         pa.field("min_activation", pa.float32(), nullable=False),  # over all cached tokens
         pa.field("mean_activation", pa.float32(), nullable=False),

@@ -27,14 +27,17 @@ class ModelSource:
     gguf_file: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    random_init_seed: int | None = None  # a control: the source's architecture with fresh weights from this seed
 
     @classmethod
     def from_config(cls, model_cfg: dict[str, Any]) -> "ModelSource":
+        random_init = model_cfg.get("random_init")
         return cls(
             source=str(model_cfg["source"]),
             gguf_file=model_cfg.get("gguf_file"),
             revision=model_cfg.get("revision"),
             trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+            random_init_seed=None if random_init is None else int(random_init.get("seed", 0)),
         )
 
 

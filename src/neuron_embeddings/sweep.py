@@ -3,7 +3,8 @@
 The count of feature clusters depends on the clustering threshold; the sweep reclusters every neuron of a layer
 at a few thresholds (the configured method, same embeddings), so a reader can see how sensitive the
 polysemanticity count is. `plot_layer` draws a layer's distributions for the Snakemake report, and
-`summary_table` gathers the run's per-layer figures in one TSV.
+`summary_table` gathers the run's per-layer figures in one TSV. Both are about live units only (metrics.py).
+A unit whose embeddings are all zero is not swept: it has no clusters at any threshold.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import schemas
-from .clustering import METHODS, agglomerative, cosine_similarity_matrix, neuron_groups, threshold_graph
+from .clustering import METHODS, cluster_labels, cosine_similarity_matrix, is_zero, neuron_groups, zero_norm_scale
 from .embeddings import load_layer
 from .errors import PipelineError
+from .figures import hist
+from .metrics import live
 from .storage import atomic_path, parquet_provenance, provenance, read_parquet, write_parquet
 
 
@@ -31,13 +34,15 @@ def threshold_sweep(
     if method not in METHODS:
         raise PipelineError(f"clustering.method: '{method}' is not one of {', '.join(METHODS)}")
     thresholds = sorted(float(t) for t in thresholds)
-    cluster = threshold_graph if method == "threshold_graph" else agglomerative
     table, emb = load_layer(embeddings_path)
+    scale = zero_norm_scale(emb)
     neurons, counts = [], []
     for neuron, start, stop in neuron_groups(table.column("neuron").to_numpy()):
+        if is_zero(emb[start:stop], scale):
+            continue
         sim = cosine_similarity_matrix(emb[start:stop])
         neurons.append(neuron)
-        counts.append([int(cluster(sim, t).max()) + 1 for t in thresholds])
+        counts.append([int(cluster_labels(sim, t, method).max()) + 1 for t in thresholds])
     n = len(neurons)
     out = pa.Table.from_pydict(
         {
@@ -52,8 +57,11 @@ def threshold_sweep(
     return {"neurons": n, "thresholds": thresholds}
 
 
-def sweep_curve(sweep: pa.Table) -> dict[str, list[float]]:
-    """Per threshold: mean, 10/50/90th percentile of clusters per neuron, and the share with more than one."""
+def sweep_curve(sweep: pa.Table, units: Any = None) -> dict[str, list[float]]:
+    """Per threshold: mean, 10/50/90th percentile of clusters per neuron, and the share with more than one; over
+    `units` (e.g. the live ones) when given."""
+    if units is not None:
+        sweep = sweep.filter(pc.is_in(sweep.column("neuron"), pa.array(list(units), pa.int32())))
     threshold = sweep.column("threshold").to_numpy()
     counts = sweep.column("n_clusters").to_numpy()
     curve: dict[str, list[float]] = {k: [] for k in ("threshold", "mean", "p10", "p50", "p90", "frac_polysemantic")}
@@ -80,23 +88,22 @@ def plot_layer(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = read_parquet(metrics_path, schemas.METRICS)
+    all_units = read_parquet(metrics_path, schemas.METRICS)
+    metrics = live(all_units)
     sweep = read_parquet(sweep_path, schemas.SWEEP)
     similar = read_parquet(similar_path, schemas.SIMILAR)
     threshold = (parquet_provenance(metrics_path).get("clustering") or {}).get("threshold")
-    clusters = metrics.column("n_clusters").to_numpy()
-    distance = np.array([v for v in metrics.column("mean_distance").to_pylist() if v is not None])
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.4), dpi=90)
     ax = axes[0, 0]
-    if clusters.size:
-        ax.hist(clusters, bins=np.arange(0.5, clusters.max() + 1.5), color="#4c72b0")
-    ax.set(title=f"layer {layer}: feature clusters per neuron", xlabel="clusters", ylabel="neurons")
+    hist(ax, metrics.column("n_clusters").to_numpy(), integer=True, empty_note="no live neurons", color="#4c72b0")
+    ax.set(title=f"layer {layer}: feature clusters per live neuron ({metrics.num_rows} of {all_units.num_rows})",
+           xlabel="clusters", ylabel="neurons")
     ax = axes[0, 1]
-    if distance.size:
-        ax.hist(distance, bins=30, color="#dd8452")
+    hist(ax, metrics.column("mean_distance").to_pylist(), 30, empty_note="no live neuron with 2 examples",
+         color="#dd8452")
     ax.set(title="mean pairwise cosine distance", xlabel="distance", ylabel="neurons")
     ax = axes[1, 0]
-    curve = sweep_curve(sweep)
+    curve = sweep_curve(sweep, metrics.column("neuron").to_pylist())
     if curve["threshold"]:
         ax.fill_between(curve["threshold"], curve["p10"], curve["p90"], color="#55a868", alpha=0.25, label="10-90th pct")
         ax.plot(curve["threshold"], curve["mean"], "o-", color="#55a868", label="mean")
@@ -107,8 +114,7 @@ def plot_layer(
     ax.set(title="threshold sweep", xlabel="cosine-similarity threshold", ylabel="clusters per neuron")
     ax = axes[1, 1]
     sims = similar.filter(pc.equal(similar.column("rank"), 0)).column("similarity").to_numpy()
-    if sims.size:
-        ax.hist(sims, bins=30, color="#8172b2")
+    hist(ax, sims, 30, empty_note="no links", color="#8172b2")
     ax.set(title="similar features: best link per cluster", xlabel="cosine similarity of x", ylabel="clusters")
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -119,8 +125,13 @@ def plot_layer(
     return {"bytes": len(buffer.getvalue())}
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 3)
+
+
 def summary_table(
     summary_path: str | os.PathLike,
+    metrics_paths: dict[int, str | os.PathLike],
     sweep_paths: dict[int, str | os.PathLike],
     similar_paths: dict[int, str | os.PathLike],
     importance_paths: dict[int, str | os.PathLike],
@@ -131,7 +142,8 @@ def summary_table(
     rows = []
     for layer in sorted(sweep_paths):
         s = summary[str(layer)]
-        curve = sweep_curve(read_parquet(sweep_paths[layer], schemas.SWEEP))
+        units = live(read_parquet(metrics_paths[layer], schemas.METRICS)).column("neuron").to_pylist()
+        curve = sweep_curve(read_parquet(sweep_paths[layer], schemas.SWEEP), units)
         similar = read_parquet(similar_paths[layer], schemas.SIMILAR)
         importance = read_parquet(importance_paths[layer], schemas.IMPORTANCE)
         linked = similar.group_by(["neuron", "cluster"]).aggregate([]).num_rows
@@ -139,12 +151,17 @@ def summary_table(
             {
                 "layer": layer,
                 "neurons": s["neurons"],
+                "live": s["live"],
+                "dead": s["left_out"]["dead"],
+                "few_examples": s["left_out"]["few_examples"],
+                "median_examples": s["examples_per_live_neuron"]["median"],
                 "threshold": (s.get("clustering") or {}).get("threshold"),
-                "clusters_per_neuron_mean": round(s["clusters_per_neuron_mean"] or 0, 3),
+                "clusters_per_neuron_mean": _rounded(s["clusters_per_neuron_mean"]),
                 "clusters_per_neuron_median": s["clusters_per_neuron_median"],
-                "frac_polysemantic": round(s["frac_polysemantic"] or 0, 3),
-                "mean_distance_median": round(s["mean_distance_median"] or 0, 3),
-                "negative_dominant_share": round(s.get("negative_dominant_share") or 0, 3),
+                "frac_polysemantic": _rounded(s["frac_polysemantic"]),
+                "mean_distance_median": _rounded(s["mean_distance_median"]),
+                "negative_dominant_share": _rounded(s.get("negative_dominant_share")),
+                **{key: _rounded(value) for key, value in s["baselines"].items()},
                 "sweep_mean_clusters": " ".join(f"{t:g}:{m:.2f}" for t, m in zip(curve["threshold"], curve["mean"])),
                 "clusters_with_similar_features": linked,
                 "importance_examples": importance.num_rows,

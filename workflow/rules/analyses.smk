@@ -2,8 +2,8 @@
 # neurons, the threshold sweep, and the per-layer plots and run table of the Snakemake report.
 rule token_importance:
     input:
-        model=rules.prepare_model.output[0],
-        corpus=rules.tokenize_corpus.output.shards,
+        model=MODEL_DIR,
+        corpus=CORPUS_SHARDS,
         embeddings=f"{RUN}/embeddings/layer-{{layer}}.parquet",
         clusters=f"{RUN}/clusters/layer-{{layer}}.parquet",
         metrics=f"{RUN}/metrics/layer-{{layer}}.parquet",

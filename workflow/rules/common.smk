@@ -14,7 +14,14 @@ from snakemake.utils import validate
 SRC = Path(workflow.basedir) / "src" / "neuron_embeddings"
 sys.path.insert(0, str(SRC.parent))
 # Light modules only (no torch): the Snakefile is parsed before every run and inside every cluster job.
-from neuron_embeddings.checks import check_config, scheduler_warning, threshold_for, validate_config
+from neuron_embeddings.checks import (
+    check_config,
+    model_entries,
+    scheduler_warning,
+    threshold_for,
+    tokenizer_key,
+    validate_config,
+)
 from neuron_embeddings.errors import PipelineError
 import snakemake
 
@@ -35,10 +42,50 @@ startup_checks(validate_config, config, Path(workflow.basedir) / "workflow" / "s
 validate(config, schema="../schemas/config.schema.yaml")  # passes now; fills in the schema's defaults
 
 RUN = f"results/{config['run']}"
-LAYERS = sorted(config["layers"])
 SHARDS = [f"{i:03d}" for i in range(config["corpus"]["n_shards"])]
 ENV = "../../envs/pipeline.yaml"
-startup_checks(check_config, config, prepared_model=f"{RUN}/model")
+
+# The run's models. The stages from the model to the metrics take a `run` wildcard: the reference model's outputs
+# are under results/<run>/, every other model's under results/<run>/models/<name>/. The analyses, the explorer,
+# the SAE and the report are the reference model's.
+MODELS = []
+startup_checks(lambda: MODELS.extend(model_entries(config)))
+ENTRY = {
+    config["run"] if index == 0 else f"{config['run']}/models/{entry['name']}": entry
+    for index, entry in enumerate(MODELS)
+}
+RUN_OF = {entry["name"]: run for run, entry in ENTRY.items()}
+config["model"] = {k: v for k, v in MODELS[0].items() if k not in ("name", "layers")}  # the reference model
+LAYERS = MODELS[0]["layers"]
+MODEL_DIR = f"{RUN}/model"
+CORPUS_SHARDS = expand(f"{RUN}/corpus/shard-{{shard}}.parquet", shard=SHARDS)
+DOCUMENTS = f"{RUN}/corpus/documents.parquet"
+CORPUS_OF = {run: next(r for r, e in ENTRY.items() if tokenizer_key(e) == tokenizer_key(entry)) for run, entry in ENTRY.items()}
+CORPUS_OWNERS = "|".join(re.escape(run) for run in sorted(set(CORPUS_OF.values())))
+
+
+wildcard_constraints:
+    run="|".join(re.escape(run) for run in ENTRY),
+
+
+startup_checks(check_config, config, prepared_models={entry["name"]: f"results/{run}/model" for run, entry in ENTRY.items()})
+
+
+def model_settings(entry):
+    """What prepare_model reads of a model entry (its name and layers are the workflow's business)."""
+    return {k: v for k, v in entry.items() if k not in ("name", "layers")}
+
+
+def trusts_remote_code(wildcards):
+    return bool(ENTRY[wildcards.run].get("trust_remote_code", False))
+
+
+def corpus_shard(wildcards):
+    return f"results/{CORPUS_OF[wildcards.run]}/corpus/shard-{wildcards.shard}.parquet"
+
+
+def corpus_shards(wildcards):
+    return expand(f"results/{CORPUS_OF[wildcards.run]}/corpus/shard-{{shard}}.parquet", shard=SHARDS)
 
 
 def package_modules(*modules):
@@ -77,20 +124,20 @@ def corpus_files():
     return files
 
 
-def local_model_folder():
+def local_model_folder(entry):
     """The folder of a local (non-GGUF) model source, or None."""
     from neuron_embeddings.sources import ModelSource, resolve
 
-    folder, gguf = resolve(ModelSource.from_config(config["model"]))
+    folder, gguf = resolve(ModelSource.from_config(entry))
     return folder if os.path.isdir(folder) and not gguf else None
 
 
-def model_files():
+def model_files(entry):
     """The files of a local model (folder or GGUF), as inputs: replacing the weights in place reruns everything.
     A hub id is pinned by model.revision (params) instead."""
     from neuron_embeddings.sources import ModelSource, resolve
 
-    folder, gguf = resolve(ModelSource.from_config(config["model"]))
+    folder, gguf = resolve(ModelSource.from_config(entry))
     if not os.path.isdir(folder):
         return []
     if gguf:
@@ -107,7 +154,14 @@ def all_targets():
         f"{RUN}/report/summary.tsv",
         f"{RUN}/explorer",
         *sae_targets(),  # workflow/rules/sae.smk: SAE latents against the neurons (config key sae)
+        *comparison_targets(),  # workflow/rules/comparison.smk: every model of the run side by side
     ]
+
+
+def comparison_targets():
+    if len(MODELS) < 2:
+        return []
+    return [f"{RUN}/comparison/comparison.json", f"{RUN}/comparison/index.html"]
 
 
 SELECTION = config["selection"]
@@ -155,6 +209,13 @@ def compute_params():
     }
 
 
+def metric_settings():
+    """What the metrics stage needs beyond its inputs (the clustering's own settings travel in its Parquet)."""
+    stability = config["metrics"]["stability"]
+    return {"min_examples": config["metrics"]["min_examples"], "resamples": stability["resamples"],
+            "fraction": stability["fraction"], "seed": stability["seed"]}
+
+
 # The analyses and the explorer (workflow/rules/analyses.smk, explorer.smk).
 ANALYSES = config["analyses"]
 EXPLORER = config["explorer"]
@@ -193,35 +254,35 @@ def group_layers(group):
     return [int(layer) for layer in group.split("-")[1:]]
 
 
-def _assign_cache_groups():
+def _assign_cache_groups(run_dir, layers):
     existing = {
         Path(path).name
         for tree in CACHE_TREES
-        for path in glob.glob(f"{RUN}/{tree}/layers-*")
+        for path in glob.glob(f"{run_dir}/{tree}/layers-*")
         if re.fullmatch(r"layers(-\d+)+", Path(path).name)
     }
 
     def completeness(group, layer):  # caches of this layer, then shards, the group already has
-        files = sum(len(glob.glob(f"{RUN}/{tree}/{group}/shard-*/layer-{layer}.safetensors")) for tree in CACHE_TREES)
-        shards = sum(len(glob.glob(f"{RUN}/{tree}/{group}/shard-*")) for tree in CACHE_TREES)
+        files = sum(len(glob.glob(f"{run_dir}/{tree}/{group}/shard-*/layer-{layer}.safetensors")) for tree in CACHE_TREES)
+        shards = sum(len(glob.glob(f"{run_dir}/{tree}/{group}/shard-*")) for tree in CACHE_TREES)
         return files, shards
 
     groups = {}
-    for layer in LAYERS:
+    for layer in layers:
         holders = sorted(group for group in existing if layer in group_layers(group))
         if holders:
             groups[layer] = max(holders, key=lambda group: completeness(group, layer))  # ties: by name
-    new = [layer for layer in LAYERS if layer not in groups]
+    new = [layer for layer in layers if layer not in groups]
     groups.update({layer: "layers-" + "-".join(map(str, new)) for layer in new})
     return groups
 
 
-CACHE_GROUP = _assign_cache_groups()
+CACHE_GROUP = {run: _assign_cache_groups(f"results/{run}", entry["layers"]) for run, entry in ENTRY.items()}
 
 
-def layer_caches(tree, layer):
+def layer_caches(tree, run, layer):
     """The per-shard folders that hold one layer's caches (tree "activations") or pass-1 statistics ("stats")."""
-    return expand(f"{RUN}/{tree}/{CACHE_GROUP[int(layer)]}/shard-{{shard}}", shard=SHARDS)
+    return expand(f"results/{run}/{tree}/{CACHE_GROUP[run][int(layer)]}/shard-{{shard}}", shard=SHARDS)
 
 
 def _cached_top_k(folder):
@@ -245,7 +306,7 @@ def cache_selection(wildcards):
     what follows, never the caching."""
     params = cache_selection_params()
     if SELECTION_MODE == "top_k":
-        cached = _cached_top_k(f"{RUN}/activations/{wildcards.group}/shard-{wildcards.shard}")
+        cached = _cached_top_k(f"results/{wildcards.run}/activations/{wildcards.group}/shard-{wildcards.shard}")
         params = {**params, "top_k": max(params["top_k"], cached)}
     return params
 
@@ -253,7 +314,7 @@ def cache_selection(wildcards):
 def group_stats(wildcards):
     if SELECTION_MODE != "threshold":
         return []
-    return [f"{RUN}/stats/layer-{layer}.safetensors" for layer in group_layers(wildcards.group)]
+    return [f"results/{wildcards.run}/stats/layer-{layer}.safetensors" for layer in group_layers(wildcards.group)]
 
 
 # SAE latents as units (workflow/rules/sae.smk; config key sae). units.py is light: no torch at parse time.

@@ -1,18 +1,22 @@
 rule tokenize_corpus:
+    # One corpus per tokenizer: models that tokenize alike (checks.tokenizer_key) read the first one's shards.
+    wildcard_constraints:
+        run=CORPUS_OWNERS,
     input:
-        model=rules.prepare_model.output[0],
+        model="results/{run}/model",
         corpus=corpus_files(),
     output:
-        documents=f"{RUN}/corpus/documents.parquet",
-        shards=expand(f"{RUN}/corpus/shard-{{shard}}.parquet", shard=SHARDS),
+        documents="results/{run}/corpus/documents.parquet",
+        shards=expand("results/{run}/corpus/shard-{shard}.parquet", shard=SHARDS, allow_missing=True),
+        summary="results/{run}/corpus/summary.json",
     params:
         corpus=config["corpus"],
         shard_names=SHARDS,
         code=code_version("corpus", "schemas", "storage"),
     log:
-        f"{RUN}/logs/tokenize_corpus.log",
+        "results/{run}/logs/tokenize_corpus.log",
     benchmark:
-        f"{RUN}/benchmarks/tokenize_corpus.tsv"
+        "results/{run}/benchmarks/tokenize_corpus.tsv"
     conda:
         ENV
     script:

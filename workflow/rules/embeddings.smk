@@ -1,19 +1,19 @@
 rule embed_neurons:
     input:
-        selection=f"{RUN}/selection/layer-{{layer}}.safetensors",
-        model=rules.prepare_model.output[0],
-        corpus=rules.tokenize_corpus.output.shards,
+        selection="results/{run}/selection/layer-{layer}.safetensors",
+        model="results/{run}/model",
+        corpus=corpus_shards,
     output:
-        f"{RUN}/embeddings/layer-{{layer}}.parquet",
+        "results/{run}/embeddings/layer-{layer}.parquet",
     params:
-        trust_remote_code=config["model"].get("trust_remote_code", False),
+        trust_remote_code=trusts_remote_code,
         code=code_version("embeddings", "adapters", "models", "schemas", "storage"),
     resources:
         mem_mb=embedding_mem_mb,
     log:
-        f"{RUN}/logs/embed_neurons/layer-{{layer}}.log",
+        "results/{run}/logs/embed_neurons/layer-{layer}.log",
     benchmark:
-        f"{RUN}/benchmarks/embed_neurons/layer-{{layer}}.tsv"
+        "results/{run}/benchmarks/embed_neurons/layer-{layer}.tsv"
     conda:
         ENV
     script:

@@ -8,7 +8,7 @@ rule explorer:
         similar=expand(f"{RUN}/similar/layer-{{layer}}.parquet", layer=LAYERS),
         sweep=expand(f"{RUN}/sweep/layer-{{layer}}.parquet", layer=LAYERS),
         selection=expand(f"{RUN}/selection/layer-{{layer}}.safetensors", layer=LAYERS),
-        documents=rules.tokenize_corpus.output.documents,
+        documents=DOCUMENTS,
     output:
         directory(f"{RUN}/explorer"),
     params:

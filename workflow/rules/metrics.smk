@@ -1,16 +1,17 @@
 rule neuron_metrics:
     input:
-        embeddings=f"{RUN}/embeddings/layer-{{layer}}.parquet",
-        clusters=f"{RUN}/clusters/layer-{{layer}}.parquet",
-        selection=f"{RUN}/selection/layer-{{layer}}.safetensors",
+        embeddings="results/{run}/embeddings/layer-{layer}.parquet",
+        clusters="results/{run}/clusters/layer-{layer}.parquet",
+        selection="results/{run}/selection/layer-{layer}.safetensors",
     output:
-        f"{RUN}/metrics/layer-{{layer}}.parquet",
+        "results/{run}/metrics/layer-{layer}.parquet",
     params:
+        settings=metric_settings(),
         code=code_version("metrics", "clustering", "embeddings", "schemas"),
     log:
-        f"{RUN}/logs/neuron_metrics/layer-{{layer}}.log",
+        "results/{run}/logs/neuron_metrics/layer-{layer}.log",
     benchmark:
-        f"{RUN}/benchmarks/neuron_metrics/layer-{{layer}}.tsv"
+        "results/{run}/benchmarks/neuron_metrics/layer-{layer}.tsv"
     conda:
         ENV
     script:
@@ -19,16 +20,18 @@ rule neuron_metrics:
 
 rule summarize_run:
     input:
-        expand(f"{RUN}/metrics/layer-{{layer}}.parquet", layer=LAYERS),
+        lambda wildcards: expand(
+            "results/{run}/metrics/layer-{layer}.parquet", run=wildcards.run, layer=ENTRY[wildcards.run]["layers"]
+        ),
     output:
-        f"{RUN}/metrics/summary.json",
+        "results/{run}/metrics/summary.json",
     params:
-        layers=LAYERS,
+        layers=lambda wildcards: ENTRY[wildcards.run]["layers"],
         code=code_version("metrics"),
     log:
-        f"{RUN}/logs/summarize_run.log",
+        "results/{run}/logs/summarize_run.log",
     benchmark:
-        f"{RUN}/benchmarks/summarize_run.tsv"
+        "results/{run}/benchmarks/summarize_run.tsv"
     conda:
         ENV
     script:

@@ -4,7 +4,9 @@ rule report:
         metrics=expand(f"{RUN}/metrics/layer-{{layer}}.parquet", layer=LAYERS),
         clusters=expand(f"{RUN}/clusters/layer-{{layer}}.parquet", layer=LAYERS),
         embeddings=expand(f"{RUN}/embeddings/layer-{{layer}}.parquet", layer=LAYERS),
-        documents=rules.tokenize_corpus.output.documents,
+        documents=DOCUMENTS,
+        corpus_summary=f"{RUN}/corpus/summary.json",
+        comparison=comparison_targets()[:1],  # the models compared, when the run has several
         sae=lambda wildcards: sae_report_inputs(),  # per SAE: comparison.json, then its plot (rules/sae.smk)
     output:
         report(

@@ -11,8 +11,8 @@ wildcard_constraints:
 rule train_sae:
     # Streams the layer's MLP activations from the model over the corpus (the held-out windows excepted).
     input:
-        model=rules.prepare_model.output[0],
-        corpus=rules.tokenize_corpus.output.shards,
+        model=MODEL_DIR,
+        corpus=CORPUS_SHARDS,
     output:
         cfg=f"{SAE_DIR}/{{sae}}/cfg.json",
         weights=f"{SAE_DIR}/{{sae}}/sae_weights.safetensors",
@@ -43,7 +43,7 @@ rule train_sae:
 rule import_sae:
     # An external SAE in the SAELens layout, checked against its layer and saved beside the trained ones.
     input:
-        model=rules.prepare_model.output[0],
+        model=MODEL_DIR,
         files=lambda wildcards: [
             os.path.join(os.path.expanduser(SAES[wildcards.sae]["path"]), name)
             for name in ("cfg.json", "sae_weights.safetensors")
@@ -70,7 +70,7 @@ rule import_sae:
 rule sae_activation_stats:
     # Pass 1 of the threshold selection, on every SAE's latents at once: one forward pass per corpus shard.
     input:
-        model=rules.prepare_model.output[0],
+        model=MODEL_DIR,
         shard=f"{RUN}/corpus/shard-{{shard}}.parquet",
         saes=[path for name in SAE_NAMES for path in sae_files(name)],
     output:
@@ -118,7 +118,7 @@ rule merge_sae_stats:
 rule cache_sae:
     # The neurons' caching on every SAE's latents: one forward pass per corpus shard, up to the deepest SAE layer.
     input:
-        model=rules.prepare_model.output[0],
+        model=MODEL_DIR,
         shard=f"{RUN}/corpus/shard-{{shard}}.parquet",
         saes=[path for name in SAE_NAMES for path in sae_files(name)],
         stats=expand(f"{SAE_DIR}/{{name}}/stats.safetensors", name=SAE_NAMES) if SELECTION_MODE == "threshold" else [],
@@ -148,7 +148,8 @@ rule cache_sae:
 
 rule select_sae_examples:
     input:
-        expand(f"{SAE_DIR}/{{{{sae}}}}/activations/shard-{{shard}}.safetensors", shard=SHARDS),
+        caches=expand(f"{SAE_DIR}/{{{{sae}}}}/activations/shard-{{shard}}.safetensors", shard=SHARDS),
+        corpus=CORPUS_SHARDS,
     output:
         f"{SAE_DIR}/{{sae}}/selection.safetensors",
     params:
@@ -170,8 +171,8 @@ rule embed_sae_latents:
     input:
         selection=f"{SAE_DIR}/{{sae}}/selection.safetensors",
         sae=lambda wildcards: sae_files(wildcards.sae),
-        model=rules.prepare_model.output[0],
-        corpus=rules.tokenize_corpus.output.shards,
+        model=MODEL_DIR,
+        corpus=CORPUS_SHARDS,
     output:
         f"{SAE_DIR}/{{sae}}/embeddings.parquet",
     params:
@@ -218,6 +219,7 @@ rule sae_latent_metrics:
         f"{SAE_DIR}/{{sae}}/metrics.parquet",
     params:
         layer=sae_layer,
+        settings=metric_settings(),
         code=code_version("metrics", "clustering", "embeddings", "schemas"),
     log:
         f"{RUN}/logs/sae_latent_metrics/{{sae}}.log",
@@ -232,9 +234,9 @@ rule sae_latent_metrics:
 rule evaluate_sae:
     # Runs the whole model (LM head included) three times on the held-out windows: clean, spliced, zero-ablated.
     input:
-        model=rules.prepare_model.output[0],
+        model=MODEL_DIR,
         sae=lambda wildcards: sae_files(wildcards.sae),
-        corpus=rules.tokenize_corpus.output.shards,
+        corpus=CORPUS_SHARDS,
         selection=f"{SAE_DIR}/{{sae}}/selection.safetensors",
     output:
         f"{SAE_DIR}/{{sae}}/quality.json",

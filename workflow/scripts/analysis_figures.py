@@ -10,6 +10,7 @@ def main():
         plot_layer(inputs.metrics[i], inputs.sweep[i], inputs.similar[i], snakemake.output.figures[i], layer)
     return summary_table(
         inputs.summary,
+        dict(zip(layers, inputs.metrics)),
         dict(zip(layers, inputs.sweep)),
         dict(zip(layers, inputs.similar)),
         dict(zip(layers, inputs.importance)),

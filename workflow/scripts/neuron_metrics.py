@@ -5,7 +5,8 @@ layer = int(snakemake.wildcards.layer)
 run_stage(
     f"neuron_metrics layer {layer}",
     lambda: layer_metrics(
-        snakemake.input.embeddings, snakemake.input.clusters, snakemake.input.selection, snakemake.output[0], layer
+        snakemake.input.embeddings, snakemake.input.clusters, snakemake.input.selection, snakemake.output[0], layer,
+        **snakemake.params.settings,
     ),
     snakemake.log[0],
 )

@@ -14,6 +14,8 @@ run_stage(
         documents_path=snakemake.input.documents,
         settings={**snakemake.params.settings, "corpus": snakemake.params.corpus},
         sae_comparisons=list(zip(snakemake.input.sae[::2], snakemake.input.sae[1::2])),
+        corpus_summary_path=snakemake.input.corpus_summary,
+        comparison_path=snakemake.input.comparison[0] if snakemake.input.comparison else None,
     ),
     snakemake.log[0],
 )

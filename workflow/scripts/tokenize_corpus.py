@@ -8,8 +8,9 @@ settings = CorpusSettings(
     window_tokens=corpus["window_tokens"],
     n_shards=corpus["n_shards"],
     max_tokens=corpus.get("max_tokens"),
-    prepend_bos=corpus.get("prepend_bos", "auto"),
-    min_window_tokens=corpus.get("min_window_tokens", 2),
+    prepend_bos=corpus["prepend_bos"],
+    min_window_tokens=corpus["min_window_tokens"],
+    seed=corpus["seed"],
 )
 
 

@@ -208,9 +208,13 @@
   function metricsTable(layerData, neuron) {
     const i = layerData.neuron.indexOf(neuron);
     const rows = [
-      ["expert (mixture of experts)", "expert"], ["examples", "size"], ["feature clusters", "n_clusters"], ["largest cluster share", "largest_cluster_share"],
+      ["expert (mixture of experts)", "expert"], ["status (live, few_examples, dead)", "status"], ["examples", "size"],
+      ["repeated contexts dropped", "duplicates"], ["feature clusters", "n_clusters"], ["largest cluster share", "largest_cluster_share"],
       ["mean pairwise distance", "mean_distance"], ["max pairwise distance", "max_distance"],
       ["mean intra-cluster distance", "mean_intra_distance"], ["mean inter-cluster distance", "mean_inter_distance"],
+      ["clusters vs max token (ARI)", "ari_token"], ["clusters on one token (share)", "single_token_cluster_share"],
+      ["clusters of x alone (no weights)", "n_clusters_input"], ["x alone vs x*w (ARI)", "ari_input"],
+      ["stability (ARI over subsets)", "stability"],
       ["max activation (corpus)", "max_activation"], ["min activation (corpus)", "min_activation"], ["mean activation (corpus)", "mean_activation"], ["share positive", "frac_positive"],
     ];
     const table = el("table", { class: "metrics" });
@@ -257,9 +261,15 @@
     const i = layerData.neuron.indexOf(current.neuron);
     const nClusters = i < 0 ? null : layerData.n_clusters[i];
     view.append(el("h2", { text: "Layer " + current.layer }));
-    view.append(el("p", { class: "muted", text: summary.neurons + " neurons with examples; clustering threshold " + fmt(summary.threshold, 2) +
-      "; " + fmt(summary.clusters_per_neuron_mean, 2) + " clusters per neuron on average; " +
-      fmt(100 * (summary.frac_polysemantic || 0), 1) + "% have more than one" }));
+    const left = summary.left_out || {};
+    const base = summary.baselines || {};
+    view.append(el("p", { class: "muted", text: summary.neurons + " neurons, " + summary.live + " live (left out: " +
+      (left.dead || 0) + " dead, " + (left.few_examples || 0) + " with too few examples); clustering threshold " +
+      fmt(summary.threshold, 2) + "; over live neurons, " + fmt(summary.clusters_per_neuron_mean, 2) +
+      " clusters per neuron on average, " + fmt(100 * (summary.frac_polysemantic || 0), 1) + "% have more than one" }));
+    view.append(el("p", { class: "muted", text: "Baselines (medians over live neurons): clusters vs max token ARI " +
+      fmt(base.ari_token_median) + "; clusters of x alone " + fmt(base.clusters_input_only_median) +
+      ", ARI with x*w " + fmt(base.ari_input_median) + "; stability " + fmt(base.stability_median) }));
     const ch = summary.clusters_hist;
     const clusterLabels = ch.counts.map(function (_, k) { return String(ch.start + k) + " clusters"; });
     const dh = summary.distance_hist;
