@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -75,7 +76,8 @@ def test_latents_go_through_the_neurons_stages_and_keep_the_invariant(sae_run):
         check_schema(pq.read_schema(root / name / "clusters.parquet"), schemas.CLUSTERS, name)
         metrics = pq.read_table(root / name / "metrics.parquet")
         check_schema(metrics.schema, schemas.METRICS, name)
-        assert metrics.num_rows == len(set(emb.column("neuron").to_pylist()))
+        assert metrics.num_rows == prov["units"]["d_sae"]  # every latent, with its status
+        assert set(metrics.filter(pc.greater(metrics.column("size"), 0)).column("neuron").to_pylist()) == set(emb.column("neuron").to_pylist())
 
 
 def test_quality_figures_and_comparison(sae_run):
@@ -99,7 +101,7 @@ def test_quality_figures_and_comparison(sae_run):
             for key in ("clusters_per_unit_median", "clusters_per_unit_mean", "mean_distance_median"):
                 value, (low, high) = summary[key]["value"], summary[key]["ci95"]
                 assert low <= value <= high
-        assert comparison["neurons"]["units_with_examples"] == N_NEURONS
+        assert comparison["neurons"]["units"] == N_NEURONS
     page = (workdir / "results" / config["run"] / "report" / "index.html").read_text()
     assert "SAE latents vs neurons" in page and "layer-1-topk-x2" in page and "ext:" in page
 

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -124,7 +125,7 @@ def test_embedded_smollm2_default_runs_end_to_end(tmp_path):
     run = tmp_path / "results/smollm2-small"
     assert verify_file(run / "embeddings/layer-5.parquet") < 1e-4
     emb = pq.read_table(run / "embeddings/layer-5.parquet")
-    assert emb.num_rows == 1536 * 8
+    assert emb.num_rows == 1536 * 8 - pq.read_table(run / "metrics/layer-5.parquet").column("duplicates").to_numpy().sum()
     assert emb.schema.field("embedding").type.list_size == 2 * 576
     assert parquet_provenance(run / "embeddings/layer-5.parquet")["model"]["architecture"] == "LlamaForCausalLM"
     assert (run / "report/index.html").stat().st_size > 10_000
@@ -188,8 +189,9 @@ def test_non_llama_families_run_end_to_end(family, tmp_path):
         if family == "qwen2_moe":
             _check_expert_examples(run, layer, emb, model)
         metrics = pq.read_table(run / f"metrics/layer-{layer}.parquet")
-        assert metrics.num_rows == len(set(emb.column("neuron").to_pylist()))
-        assert metrics.num_rows == manifest["n_neurons"] or family == "qwen2_moe"
+        with_examples = metrics.filter(pc.greater(metrics.column("size"), 0)).column("neuron").to_pylist()
+        assert set(with_examples) == set(emb.column("neuron").to_pylist())
+        assert metrics.num_rows == manifest["n_neurons"]  # every unit, experts' included, with its status
         clusters = pq.read_table(run / f"clusters/layer-{layer}.parquet")
         assert clusters.column("expert").to_pylist() == emb.column("expert").to_pylist()
         if family != "qwen2_moe":

@@ -147,10 +147,13 @@ def calibrate(config: dict[str, Any], model_dir: Path, windows: list[list[int]],
 
 
 def estimate(config: dict[str, Any], device: str | None = None, budget_s: float = 60.0) -> dict[str, Any]:
-    from .checks import check_config
+    from .checks import check_config, model_entries
     from .models import MANIFEST, ModelSource, describe, load_prepared, pick_device, prepare_model
 
     check_config(config)
+    reference = model_entries(config)[0]  # with `models`, the first; the others cost about as much each
+    config = {**config, "model": {k: v for k, v in reference.items() if k not in ("name", "layers")},
+              "layers": reference["layers"]}
     run_dir = Path("results") / config["run"]
     act = config["activations"]
     device = str(pick_device(device or act.get("device", "auto")))

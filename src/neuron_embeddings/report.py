@@ -75,7 +75,7 @@ def layer_figure(metrics: pa.Table, layer: int) -> str:
     axes[1].set(title="mean pairwise cosine distance", xlabel="distance", ylabel="neurons")
     hist(axes[2], kept.column("ari_token").to_pylist(), np.linspace(-0.5, 1.0, 31), empty_note="no live neurons",
          color="#55a868")
-    axes[2].set(title="clusters vs max token (ARI; 1 = token identity)", xlabel="adjusted Rand index", ylabel="neurons")
+    axes[2].set(title="clusters vs max token (1: token identity)", xlabel="adjusted Rand index", ylabel="neurons")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

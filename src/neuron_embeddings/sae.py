@@ -849,8 +849,7 @@ def bootstrap_ci(values: np.ndarray, stat: str = "median", n_boot: int = 1000, s
 
 def unit_summary(metrics_path: str | os.PathLike, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Clusters per unit and mean pairwise distance of one set of units (a metrics/*.parquet), as medians and
-    means with bootstrap 95% intervals, over the units with at least two examples (a single example is trivially
-    one cluster at distance 0, whatever the unit)."""
+    means with bootstrap 95% intervals, over the live units (metrics.py: not dead, at least min_examples)."""
     from . import schemas
     from .storage import read_parquet
 
@@ -858,8 +857,9 @@ def unit_summary(metrics_path: str | os.PathLike, n_boot: int = 1000, seed: int 
     size = table.column("size").to_numpy()
     clusters = table.column("n_clusters").to_numpy()
     distance = np.array([np.nan if v is None else v for v in table.column("mean_distance").to_pylist()], dtype=np.float64)
-    keep = size >= 2
-    out: dict[str, Any] = {"units_with_examples": int(size.size), "units_compared": int(keep.sum()),
+    keep = np.array([status == "live" for status in table.column("status").to_pylist()], dtype=bool)
+    out: dict[str, Any] = {"units": int(size.size), "units_with_examples": int((size > 0).sum()),
+                           "units_compared": int(keep.sum()),
                            "median_examples": float(np.median(size[keep])) if keep.any() else None}
     for key, values in (("clusters_per_unit", clusters[keep]), ("mean_distance", distance[keep]),
                         ("polysemantic", (clusters[keep] > 1).astype(np.float64))):
@@ -877,6 +877,8 @@ def compare_units(neuron_metrics: str | os.PathLike, latent_metrics: str | os.Pa
     """The layer's neurons against the SAE's latents: summary JSON (with the SAE's quality figures) and a plot of
     the two distributions (clusters per unit, mean pairwise cosine distance)."""
     from . import schemas
+    from .figures import finite, hist
+    from .metrics import live
     from .storage import atomic_path, parquet_provenance, read_parquet, write_json
 
     quality = json.loads(Path(quality_path).read_text())
@@ -888,7 +890,7 @@ def compare_units(neuron_metrics: str | os.PathLike, latent_metrics: str | os.Pa
         "clustering": parquet_provenance(latent_metrics).get("clustering"),
         "neurons": unit_summary(neuron_metrics, n_boot, seed),
         "latents": unit_summary(latent_metrics, n_boot, seed),
-        "bootstrap": {"resamples": n_boot, "seed": seed, "level": 0.95, "over": "units with >= 2 examples"},
+        "bootstrap": {"resamples": n_boot, "seed": seed, "level": 0.95, "over": "live units"},
     }
     write_json(result, out_json)
 
@@ -900,17 +902,14 @@ def compare_units(neuron_metrics: str | os.PathLike, latent_metrics: str | os.Pa
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), dpi=100)
     colours = {"neurons": "#4c72b0", "latents": "#dd8452"}
     for label, path in (("neurons", neuron_metrics), ("latents", latent_metrics)):
-        table = read_parquet(path, schemas.METRICS)
-        keep = table.column("size").to_numpy() >= 2
-        clusters = table.column("n_clusters").to_numpy()[keep]
-        distance = np.array([v for v, k in zip(table.column("mean_distance").to_pylist(), keep) if k and v is not None])
-        text = f"{label} (n={keep.sum()})" if label == "neurons" else f"SAE latents (n={keep.sum()})"
-        if clusters.size:
-            axes[0].hist(clusters, bins=np.arange(0.5, max(clusters.max(), 1) + 1.5), density=True, histtype="step",
-                         linewidth=1.5, color=colours[label], label=text)
-        if distance.size:
-            axes[1].hist(distance, bins=np.linspace(0, max(1.0, distance.max()), 41), density=True, histtype="step",
-                         linewidth=1.5, color=colours[label], label=text)
+        table = live(read_parquet(path, schemas.METRICS))
+        clusters = table.column("n_clusters").to_numpy()
+        distance = finite(table.column("mean_distance").to_pylist())
+        text = f"{label} (n={table.num_rows})" if label == "neurons" else f"SAE latents (n={table.num_rows})"
+        hist(axes[0], clusters, integer=True, density=True, histtype="step", linewidth=1.5, color=colours[label],
+             label=text)
+        hist(axes[1], distance, np.linspace(0, max(1.0, float(distance.max(initial=0.0))), 41), density=True,
+             histtype="step", linewidth=1.5, color=colours[label], label=text)
     axes[0].set(title=f"layer {layer}: feature clusters per unit", xlabel="clusters", ylabel="share of units")
     axes[1].set(title=f"layer {layer}: mean pairwise cosine distance", xlabel="distance", ylabel="density")
     for ax in axes:
