@@ -96,7 +96,7 @@ def planted_run(tmp_path_factory):
             {"name": "planted", "source": str(model)},
             {"name": "control", "source": str(model), "random_init": {"seed": 0}},
         ],
-        "corpus": {"sources": [{"path": str(corpus / "*.txt")}], "window_tokens": 16, "n_shards": 2},
+        "corpus": {"sources": [{"path": str(corpus / "*.txt")}], "window_tokens": 16, "n_shards": 1},
         "layers": [0],
         "activations": {"batch_size": 8, "device": "cpu", "threads": 1},
         "selection": {"mode": "threshold", "alpha": 0.75, "cap": 40, "sign": "positive", "context_before": 4,
@@ -110,11 +110,11 @@ def planted_run(tmp_path_factory):
     workdir = root / "work"
     dry = run_snakemake(workdir, config, "-n")
     proc = run_snakemake(workdir, config)
-    return workdir / "results" / "planted", dry, proc
+    return workdir / "results" / "planted", dry, proc, workdir, config
 
 
 def test_planted_features_are_recovered_and_dead_neurons_are_dead(planted_run):
-    run, _, _ = planted_run
+    run = planted_run[0]
     metrics = pq.read_table(run / "metrics/layer-0.parquet").to_pylist()
     assert [m["neuron"] for m in metrics] == list(range(N_NEURONS))  # every unit has a row
     by_neuron = {m["neuron"]: m for m in metrics}
@@ -147,7 +147,7 @@ def test_planted_features_are_recovered_and_dead_neurons_are_dead(planted_run):
 
 
 def test_duplicate_documents_are_dropped_and_the_corpus_is_shared(planted_run):
-    run, dry, _ = planted_run
+    run, dry = planted_run[:2]
     corpus = json.loads((run / "corpus/summary.json").read_text())
     assert corpus["duplicates_dropped"] == 2 and corpus["documents_read"] == 42 and corpus["documents"] == 40
     jobs = planned_jobs(dry)
@@ -156,7 +156,7 @@ def test_duplicate_documents_are_dropped_and_the_corpus_is_shared(planted_run):
 
 
 def test_control_is_compared_side_by_side(planted_run):
-    run, _, _ = planted_run
+    run = planted_run[0]
     control = json.loads((run / "models/control/model/neuron_embeddings.json").read_text())
     assert control["random_init_seed"] == 0
     planted = pq.read_table(run / "metrics/layer-0.parquet").column("status").to_pylist()
@@ -176,10 +176,19 @@ def test_control_is_compared_side_by_side(planted_run):
 
 
 def test_explorer_and_figures_cope_with_a_mostly_dead_layer(planted_run):
-    run, _, proc = planted_run
+    run = planted_run[0]
     assert (run / "report/layer-0.png").stat().st_size > 1000
     text = (run / "explorer/data/layer-0/neurons.js").read_text()
     layer = json.loads(text[text.index(",") + 1 : text.rindex(")")])
     assert layer["status"][:5] == ["live", "live", "live", "live", "few_examples"]
     assert set(layer["status"][5:]) == {"dead"}
     assert np.isfinite([v for v in layer["ari_token"][:4]]).all()
+
+
+def test_a_changed_control_reruns_its_own_chain_only(planted_run):
+    workdir, config = planted_run[3:]
+    changed = {**config, "models": [config["models"][0], {**config["models"][1], "random_init": {"seed": 1}}]}
+    jobs = planned_jobs(run_snakemake(workdir, changed, "-n"))
+    assert jobs == {"prepare_model": 1, "activation_stats": 1, "merge_stats": 1, "cache_activations": 1,
+                    "select_examples": 1, "embed_neurons": 1, "cluster_features": 1, "neuron_metrics": 1,
+                    "summarize_run": 1, "compare_models": 1, "report": 1, "all": 1}

@@ -274,3 +274,32 @@ def test_layer_plot_on_degenerate_layers(case, tmp_path):
     plot_layer(tmp_path / "m.parquet", tmp_path / "s.parquet", tmp_path / "x.parquet", tmp_path / "out.png", 0)
     assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run's models
+
+
+def test_models_take_the_runs_layers_at_the_same_relative_depth(tmp_path):
+    import json
+
+    from neuron_embeddings.checks import model_entries
+    from neuron_embeddings.errors import PipelineError
+
+    for name, depth in (("shallow", 12), ("deep", 24)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {"model_type": "gpt2", "n_layer": depth, "architectures": ["GPT2LMHeadModel"]}))
+    config = {"run": "r", "layers": [11, 0, 6], "models": [
+        {"name": "shallow", "source": str(tmp_path / "shallow")},
+        {"name": "deep", "source": str(tmp_path / "deep")},
+        {"name": "chosen", "source": str(tmp_path / "deep"), "layers": [5, 3]},
+        {"name": "control", "source": str(tmp_path / "shallow"), "random_init": {"seed": 0}},
+    ]}
+    got = {e["name"]: e["layers"] for e in model_entries(config)}
+    assert got == {"shallow": [0, 6, 11], "deep": [0, 13, 23], "chosen": [3, 5], "control": [0, 6, 11]}
+    single = model_entries({"run": "r", "layers": [2], "model": {"source": "builtin:smollm2-135m-instruct"}})
+    assert [(e["name"], e["layers"]) for e in single] == [("smollm2-135m-instruct", [2])]
+    config["models"][2]["name"] = "deep"
+    with pytest.raises(PipelineError, match="models: the name 'deep' is used twice"):
+        model_entries(config)

@@ -53,9 +53,11 @@ def validate_config(config: dict[str, Any], schema_path: str | os.PathLike) -> N
     raise PipelineError(f"{where}: {value} is not allowed: {error.message}")
 
 
-def model_entries(config: dict[str, Any]) -> list[dict[str, Any]]:
+def model_entries(config: dict[str, Any], results: str = "results") -> list[dict[str, Any]]:
     """The run's models, the reference first, each with a name and its layers: `models` as given, or the one
-    `model` (named after its source)."""
+    `model` (named after its source). A model without its own `layers` takes the run's; when its depth differs
+    from the reference's (both known before any job: a local config.json or a prepared model), the run's layers
+    are mapped to the same relative depths."""
     if "models" in config:
         entries = [dict(entry) for entry in config["models"]]
     else:
@@ -65,10 +67,27 @@ def model_entries(config: dict[str, Any]) -> list[dict[str, Any]]:
     for name in names:
         if names.count(name) > 1:
             raise PipelineError(f"models: the name '{name}' is used twice")
-    for entry in entries:
-        entry.setdefault("layers", list(config["layers"]))
-        entry["layers"] = sorted(entry["layers"])
+    reference = entries[0]
+    reference["layers"] = sorted(reference.get("layers") or config["layers"])
+    reference_depth = _known_depth(reference, f"{results}/{config['run']}/model")
+    for entry in entries[1:]:
+        if entry.get("layers"):
+            entry["layers"] = sorted(entry["layers"])
+            continue
+        depth = _known_depth(entry, f"{results}/{config['run']}/models/{entry['name']}/model")
+        if reference_depth and depth and depth != reference_depth:
+            scale = (depth - 1) / max(reference_depth - 1, 1)
+            entry["layers"] = sorted({int(round(layer * scale)) for layer in reference["layers"]})
+        else:
+            entry["layers"] = list(reference["layers"])
     return entries
+
+
+def _known_depth(entry: dict[str, Any], prepared_model: str) -> int | None:
+    try:
+        return model_layer_count(ModelSource.from_config(entry), prepared_model)
+    except PipelineError:
+        return None  # the source's own check reports it, with its key
 
 
 def tokenizer_key(entry: dict[str, Any]) -> tuple[str, str | None]:
