@@ -76,6 +76,8 @@ CONFIG_CASES = [
     ("clustering.threshold", 1.5, ["clustering.threshold", "1.5", "maximum of 1"]),  # outside [-1, 1]
     ("clustering.threshold", {"default": 0.3, "per_layer": {"2": -1.2}}, ["clustering.threshold.per_layer.2", "-1.2"]),
     ("run", "my/run", ["run", '"my/run"']),  # would escape results/
+    ("run", "..", ["run", '".."']),  # would write results/.. itself
+    ("selection.top_k", 6000, ["selection.top_k", "6000", "maximum of 5000"]),  # more than clustering can hold
     ("corpus.window_tokens", 256, ["corpus.window_tokens", "256", "128 positions"]),  # longer than the model
     ("corpus.min_window_tokens", 40, ["corpus.min_window_tokens", "40", "16"]),
     ("model.source", KeyError, ["model", "'source' is a required property"]),

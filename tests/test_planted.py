@@ -183,6 +183,12 @@ def test_explorer_and_figures_cope_with_a_mostly_dead_layer(planted_run):
     assert layer["status"][:5] == ["live", "live", "live", "live", "few_examples"]
     assert set(layer["status"][5:]) == {"dead"}
     assert np.isfinite([v for v in layer["ari_token"][:4]]).all()
+    text = (run / "explorer/data/index.js").read_text()
+    index = json.loads(text[text.index(",") + 1 : text.rindex(")")])
+    summary = index["summary"]["0"]
+    assert summary["live"] == 4 and summary["left_out"] == {"few_examples": 1, "dead": N_NEURONS - 5}
+    assert [c["model"] for c in summary["compared"]] == ["control"]
+    assert "random-initialised control" in summary["compared"][0]["description"]
 
 
 def test_a_changed_control_reruns_its_own_chain_only(planted_run):

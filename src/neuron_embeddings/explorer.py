@@ -34,8 +34,7 @@ import pyarrow as pa
 from . import __version__, schemas
 from .importance import display_order, read_columns
 from .figures import finite
-from .metrics import live, summarize_layer
-from .report import pick_neurons
+from .metrics import live, pick_neurons, summarize_layer
 from .storage import load_tensors, parquet_provenance, read_parquet
 from .sweep import sweep_curve
 
@@ -263,6 +262,26 @@ class LayerData:
         return blocks
 
 
+def compared_models(comparison_path: str | os.PathLike | None) -> dict[int, list[dict[str, Any]]]:
+    """Per layer of the first model, the other models' figures at the matched layer (compare.compare_models)."""
+    if not comparison_path:
+        return {}
+    comparison = json.loads(Path(comparison_path).read_text())
+    first, others = comparison["models"][0], comparison["models"][1:]
+    out: dict[int, list[dict[str, Any]]] = {}
+    for row in comparison["rows"]:
+        mine = row["models"].get(first)
+        if mine is None:
+            continue
+        out[int(mine["layer"])] = [
+            {"model": name, "description": comparison["descriptions"].get(name, ""), "layer": e["layer"],
+             "live": e["live"], "neurons": e["neurons"], "clusters_median": e["clusters_median"],
+             "frac_polysemantic": e["frac_polysemantic"], "ari_token_median": e["ari_token_median"]}
+            for name in others if (e := row["models"].get(name)) is not None
+        ]
+    return out
+
+
 def build_explorer(
     out_dir: str | os.PathLike,
     run: str,
@@ -270,14 +289,17 @@ def build_explorer(
     documents_path: str | os.PathLike,
     settings: ExplorerSettings,
     importance_settings: dict[str, Any] | None = None,
+    comparison_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Write the explorer folder whole, or not at all (built beside it, then renamed into place)."""
+    """Write the explorer folder whole, or not at all (built beside it, then renamed into place). With the run's
+    comparison (several models), each layer's view shows the other models' figures at the matched layer."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     documents = read_parquet(documents_path, schemas.DOCUMENTS).column("origin").to_pylist()
     index: dict[str, Any] = {"run": run, "version": __version__, "layers": sorted(layers), "settings": asdict(settings),
                              "importance": importance_settings or {}, "summary": {}}
+    compared = compared_models(comparison_path)
     files, largest = 0, 0
     try:
         for name in ASSET_FILES:
@@ -290,6 +312,7 @@ def build_explorer(
                 index["model"] = {k: model.get(k) for k in ("source", "architecture", "n_layers", "n_neurons", "d_model", "activation")}
                 index["hist_edges"] = _hist_edges() if ld.cached_hist is not None else None
             index["summary"][str(layer)] = ld.summary()
+            index["summary"][str(layer)]["compared"] = compared.get(layer, [])
             folder = data / f"layer-{layer}"
             folder.mkdir(parents=True)
             payloads = {"neurons": ld.neurons_file(), "search": ld.search_file()}

@@ -13,7 +13,7 @@ it serves (attention is causal) and the model stops after the layer.
 
 Which examples: those the explorer shows (`display_order`: per cluster the central example first, then by
 rank), the first `examples_per_cluster` of each of the first `max_clusters` clusters, for the `neurons` most
-and least polysemantic neurons of the layer (`report.pick_neurons`), or every neuron when `neurons` is None.
+and least polysemantic neurons of the layer (`metrics.pick_neurons`), or every neuron when `neurons` is None.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from . import schemas
 from .adapters import MLPCapture, adapter_for, run_capture
 from .errors import PipelineError
+from .metrics import pick_neurons
 from .models import DTYPES, load_prepared, pick_device
-from .report import pick_neurons
 from .storage import check_schema, parquet_provenance, provenance, read_parquet, write_parquet
 
 log = logging.getLogger(__name__)

@@ -193,6 +193,16 @@ def live(metrics: pa.Table) -> pa.Table:
     return metrics.filter(pc.equal(metrics.column("status"), "live"))
 
 
+def pick_neurons(metrics: pa.Table, count: int) -> tuple[list[int], list[int]]:
+    """Most and least polysemantic live neurons: by clusters, then by mean distance."""
+    rows = live(metrics).select(["neuron", "n_clusters", "mean_distance", "size"]).to_pylist()
+    key = lambda r: (r["n_clusters"], r["mean_distance"] or 0.0, -r["neuron"])  # noqa: E731
+    ordered = sorted(rows, key=key)
+    most = [r["neuron"] for r in reversed(ordered[-count:])] if count else []
+    least = [r["neuron"] for r in ordered[:count] if r["neuron"] not in most]
+    return most, least
+
+
 def _median(values: list[Any]) -> float | None:
     finite = [float(v) for v in values if v is not None and np.isfinite(v)]
     return float(np.median(finite)) if finite else None

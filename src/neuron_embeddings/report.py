@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from . import __version__, schemas
 from .figures import hist
-from .metrics import live
+from .metrics import live, pick_neurons
 from .storage import atomic_path, parquet_provenance, read_parquet
 
 MAX_CLUSTERS_SHOWN = 8
@@ -98,16 +98,6 @@ def render_example(tokens: list[str], acts: list[float], center: int, scale: flo
         )
     at_max = acts[center] if 0 <= center < len(acts) and acts[center] is not None else float("nan")
     return f'<div class="ex"><span class="muted">{at_max:+.2f}</span> ' + "".join(spans) + "</div>"
-
-
-def pick_neurons(metrics: pa.Table, count: int) -> tuple[list[int], list[int]]:
-    """Most and least polysemantic live neurons: by clusters, then by mean distance."""
-    rows = live(metrics).select(["neuron", "n_clusters", "mean_distance", "size"]).to_pylist()
-    key = lambda r: (r["n_clusters"], r["mean_distance"] or 0.0, -r["neuron"])  # noqa: E731
-    ordered = sorted(rows, key=key)
-    most = [r["neuron"] for r in reversed(ordered[-count:])] if count else []
-    least = [r["neuron"] for r in ordered[:count] if r["neuron"] not in most]
-    return most, least
 
 
 def neuron_section(neuron: int, metric: dict[str, Any], examples: list[dict[str, Any]], per_cluster: int) -> str:
@@ -316,7 +306,7 @@ def write_report(
         + f'; {esc(corpus.get("duplicates_dropped", "?"))} duplicate documents dropped</td></tr>',
         f'<tr><th class="l">selection</th><td class="l">{esc(describe_selection({**sel, "sign": cache.get("sign", "positive")}))}; compute dtype '
         f'{esc(cache.get("dtype"))}, stored x {esc(cache.get("store_dtype", "float32"))}</td></tr>',
-        f'<tr><th class="l">clustering</th><td class="l">{esc(settings.get("clustering", {}).get("method", "threshold_graph"))}, '
+        f'<tr><th class="l">clustering</th><td class="l">{esc(settings["clustering"]["method"])}, '
         f'cosine-similarity threshold {esc(json.dumps(settings.get("clustering", {}).get("threshold")))}</td></tr>',
         "</table>",
         *summary_tables(summary, comparison),

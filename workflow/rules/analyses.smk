@@ -12,7 +12,7 @@ rule token_importance:
     params:
         settings=importance_settings(),
         trust_remote_code=config["model"].get("trust_remote_code", False),
-        code=code_version("importance", "adapters", "models", "report", "schemas", "storage"),
+        code=code_version("importance"),
     threads: config["activations"].get("threads", 2)
     resources:
         gpu=config["activations"].get("gpus", 1),
@@ -56,7 +56,7 @@ rule threshold_sweep:
         f"{RUN}/sweep/layer-{{layer}}.parquet",
     params:
         thresholds=ANALYSES["sweep"].get("thresholds", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]),
-        method=config["clustering"].get("method", "threshold_graph"),
+        method=config["clustering"]["method"],
         code=code_version("sweep", "clustering", "embeddings", "schemas", "storage"),
     log:
         f"{RUN}/logs/threshold_sweep/layer-{{layer}}.log",

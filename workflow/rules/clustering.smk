@@ -4,7 +4,7 @@ rule cluster_features:
     output:
         "results/{run}/clusters/layer-{layer}.parquet",
     params:
-        method=config["clustering"].get("method", "threshold_graph"),
+        method=config["clustering"]["method"],
         threshold=lambda wildcards: threshold_for(int(wildcards.layer), config["clustering"]["threshold"]),
         code=code_version("clustering", "embeddings", "schemas"),
     log:

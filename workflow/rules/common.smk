@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import re
-import struct
 import sys
 from pathlib import Path
 
@@ -287,15 +286,16 @@ def layer_caches(tree, run, layer):
 
 def _cached_top_k(folder):
     """The top_k a finished cache folder holds (from a safetensors header, without loading it), or 0."""
+    from safetensors import SafetensorError, safe_open
+
     for path in sorted(Path(folder).glob("layer-*.safetensors")):
         try:
-            with open(path, "rb") as handle:
-                (size,) = struct.unpack("<Q", handle.read(8))
-                meta = json.loads(handle.read(size)).get("__metadata__", {})
+            with safe_open(str(path), framework="np") as handle:
+                meta = handle.metadata() or {}
             settings = json.loads(meta.get("provenance", "{}")).get("settings", {})
             if settings.get("mode", "top_k") == "top_k":
                 return int(settings.get("top_k", 0))
-        except (OSError, ValueError, struct.error):
+        except (OSError, ValueError, SafetensorError):
             pass
     return 0
 

@@ -9,6 +9,7 @@ rule explorer:
         sweep=expand(f"{RUN}/sweep/layer-{{layer}}.parquet", layer=LAYERS),
         selection=expand(f"{RUN}/selection/layer-{{layer}}.safetensors", layer=LAYERS),
         documents=DOCUMENTS,
+        comparison=comparison_targets()[:1],  # the other models at each layer, when the run has several
     output:
         directory(f"{RUN}/explorer"),
     params:
@@ -16,7 +17,7 @@ rule explorer:
         layers=LAYERS,
         settings={k: v for k, v in EXPLORER.items()},
         importance=importance_settings(),
-        code=code_version("explorer", "importance", "report", "sweep", "schemas", "storage"),
+        code=code_version("explorer"),
         assets=asset_version(),
     log:
         f"{RUN}/logs/explorer.log",

@@ -197,7 +197,7 @@ rule cluster_sae_latents:
         f"{SAE_DIR}/{{sae}}/clusters.parquet",
     params:
         layer=sae_layer,
-        method=config["clustering"].get("method", "threshold_graph"),
+        method=config["clustering"]["method"],
         threshold=lambda wildcards: threshold_for(SAES[wildcards.sae]["layer"], config["clustering"]["threshold"]),
         code=code_version("clustering", "embeddings", "schemas"),
     log:

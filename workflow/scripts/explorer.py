@@ -24,6 +24,7 @@ run_stage(
         inputs.documents,
         ExplorerSettings(**snakemake.params.settings),
         importance_settings=dict(snakemake.params.importance),
+        comparison_path=inputs.comparison[0] if inputs.comparison else None,
     ),
     snakemake.log[0],
 )

@@ -270,6 +270,13 @@
     view.append(el("p", { class: "muted", text: "Baselines (medians over live neurons): clusters vs max token ARI " +
       fmt(base.ari_token_median) + "; clusters of x alone " + fmt(base.clusters_input_only_median) +
       ", ARI with x*w " + fmt(base.ari_input_median) + "; stability " + fmt(base.stability_median) }));
+    (summary.compared || []).forEach(function (c) {
+      const f = c.frac_polysemantic || {};
+      view.append(el("p", { class: "muted", text: "Compared: " + c.model + " (" + c.description + "), layer " + c.layer +
+        ": " + c.live + " of " + c.neurons + " live, median " + fmt((c.clusters_median || {}).value, 1) +
+        " clusters, " + fmt(100 * (f.value || 0), 1) + "% polysemantic [" + fmt(100 * (f.low || 0), 1) + ", " +
+        fmt(100 * (f.high || 0), 1) + "], token ARI " + fmt(c.ari_token_median) }));
+    });
     const ch = summary.clusters_hist;
     const clusterLabels = ch.counts.map(function (_, k) { return String(ch.start + k) + " clusters"; });
     const dh = summary.distance_hist;
