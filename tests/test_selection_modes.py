@@ -140,7 +140,7 @@ def test_threshold_mode_workflow_matches_brute_force_on_tiny_model(tiny_llama, t
     config = tiny_config(tiny_llama, corpus, run="threshold", layers=[1])
     config["selection"] = {"mode": "threshold", "alpha": 0.5, "cap": 4, "seed": 7, "sign": sign,
                            "quantiles": {"bins": 2, "per_bin": 2}, "context_before": 3, "context_after": 2}
-    run_snakemake(tmp_path, config)
+    run_snakemake(tmp_path, config, "results/threshold/metrics/layer-1.parquet")  # the selection's stages only
     run = tmp_path / "results/threshold"
     emb = pq.read_table(run / "embeddings/layer-1.parquet").drop_columns(["embedding"]).to_pylist()
     assert {row["sample"] for row in emb} <= {"threshold", "quantile-0", "quantile-1"}
