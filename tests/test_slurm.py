@@ -142,6 +142,7 @@ def test_workflow_runs_as_slurm_jobs_and_matches_the_local_run(cluster, referenc
     assert (run / "importance" / "layer-0.parquet").is_file() and "token_importance" in submitted
 
 
+@pytest.mark.extended  # a failing job's report is tested locally in test_bad_input.py
 def test_failing_job_is_reported_with_its_log_and_the_run_stops_cleanly(cluster, tiny_llama, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
