@@ -32,9 +32,10 @@ include: "workflow/rules/analyses.smk"
 include: "workflow/rules/explorer.smk"
 include: "workflow/rules/sae.smk"
 include: "workflow/rules/comparison.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True

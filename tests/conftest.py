@@ -188,6 +188,36 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
     return jobs
 
 
+def scratch_copy(root: Path) -> Path:
+    """The workflow and package, copied: an edit there changes the code hashes, not the repository."""
+    shutil.copytree(REPO / "workflow", root / "workflow", symlinks=True)
+    shutil.copytree(REPO / "src" / "neuron_embeddings", root / "src" / "neuron_embeddings",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "Snakefile", root / "Snakefile")
+    os.symlink("workflow/profiles", root / "profiles")
+    return root
+
+
+def plan_with_edit(finished_run: tuple[Path, dict], copy: Path, module: str, edit, *targets: str) -> set[str]:
+    """The rules a dry run of a finished run plans after `edit` (text -> text) of one module of the scratch copy;
+    the module is put back."""
+    workdir, config = finished_run
+    parts = module.split(".")[1:]
+    base = copy / "src" / "neuron_embeddings"
+    path = base.joinpath(*parts).with_suffix(".py") if parts else base / "__init__.py"
+    if not path.is_file():
+        path = base.joinpath(*parts) / "__init__.py"
+    original = path.read_text()
+    changed = edit(original)
+    assert changed != original
+    path.write_text(changed)
+    try:
+        proc = run_snakemake(workdir, config, "-n", "--nolock", "-s", str(copy / "Snakefile"), *targets)
+    finally:
+        path.write_text(original)
+    return set(planned_jobs(proc))
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `extended` (more end-to-end runs of what the default suite already covers) run only with
     NE_EXTENDED_TESTS=1, so the default suite fits CI's time."""

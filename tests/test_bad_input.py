@@ -21,7 +21,7 @@ import pytest
 
 from conftest import REPO, copy_run, run_snakemake, tiny_config, write_corpus
 from neuron_embeddings import storage
-from neuron_embeddings.checks import check_config, validate_config
+from neuron_embeddings.checks import check_config, fill_defaults
 from neuron_embeddings.errors import PipelineError
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -38,8 +38,7 @@ def one_line_error(fn, *args, **kwargs) -> str:
 def startup_error(config: dict) -> str:
     """What the workflow says before any job: the schema check, then the other startup checks."""
     def both():
-        validate_config(config, SCHEMA)
-        check_config(config)
+        check_config(fill_defaults(config, SCHEMA))
 
     return one_line_error(both)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from neuron_embeddings import clustering, metrics
+from neuron_embeddings.checks import threshold_for
 from neuron_embeddings.errors import PipelineError
 
 
@@ -168,11 +169,11 @@ def test_cosine_similarity_matrix():
 def test_neuron_groups_and_threshold_for():
     assert clustering.neuron_groups(np.array([], dtype=np.int64)) == []
     assert clustering.neuron_groups(np.array([0, 0, 3, 3, 3, 5])) == [(0, 0, 2), (3, 2, 5), (5, 5, 6)]
-    assert clustering.threshold_for(2, 0.4) == 0.4
+    assert threshold_for(2, 0.4) == 0.4
     cfg = {"default": 0.5, "per_layer": {"1": 0.7, 3: 0.2}}
-    assert clustering.threshold_for(0, cfg) == 0.5
-    assert clustering.threshold_for(1, cfg) == 0.7
-    assert clustering.threshold_for(3, cfg) == 0.2
+    assert threshold_for(0, cfg) == 0.5
+    assert threshold_for(1, cfg) == 0.7
+    assert threshold_for(3, cfg) == 0.2
 
 
 # ---------------------------------------------------------------------------------------------------------------

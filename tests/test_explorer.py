@@ -23,9 +23,9 @@ import pytest
 
 from conftest import REPO, SNAKEMAKE, run_snakemake, tiny_config, write_corpus
 from neuron_embeddings import schemas
-from neuron_embeddings.embeddings import selected_entries
 from neuron_embeddings.similar import link_clusters
 from neuron_embeddings.storage import check_schema, load_tensors
+from neuron_embeddings.tables import selected_entries
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,8 @@ import torch
 
 from neuron_embeddings import metrics, schemas
 from neuron_embeddings.clustering import cluster_labels, cosine_similarity_matrix, is_zero, zero_norm_scale
-from neuron_embeddings.compare import interval, match_layers
+from neuron_embeddings.compare import match_layers
+from neuron_embeddings.metrics import interval
 from neuron_embeddings.corpus import WindowSample
 from neuron_embeddings.figures import bin_edges, finite, hist
 from neuron_embeddings.selection import context_ids, finalize
@@ -254,10 +255,12 @@ def _metrics_table(case: str) -> pa.Table:
 
 @pytest.mark.parametrize("case", sorted(DEGENERATE))
 def test_report_and_comparison_figures_on_degenerate_layers(case):
+    import base64
+
     from neuron_embeddings.compare import figure
     from neuron_embeddings.report import layer_figure
 
-    assert layer_figure(_metrics_table(case), 0).startswith("<img")
+    assert base64.b64decode(layer_figure(_metrics_table(case), 0))[:4] == b"\x89PNG"
     values = [v for v in DEGENERATE[case] if v is not None and np.isfinite(v)]
     rows = [{"position": "layer 0", "models": {"a": {"clusters": values, "frac_polysemantic": interval(np.array(values, float), np.median, 50, 0)}}}]
     assert len(figure(rows, ["a", "b"])) > 100

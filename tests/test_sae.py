@@ -2,32 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from neuron_embeddings import schemas
+from neuron_embeddings.codehash import imported_modules
 from neuron_embeddings.embeddings import check_invariant, invariant_error
 from neuron_embeddings.errors import PipelineError
-from neuron_embeddings.sae import (
-    SparseAutoencoder,
-    TrainSettings,
-    bootstrap_ci,
-    check_fits,
-    drop_inactive,
-    held_out_windows,
-    load_sae,
-    save_sae,
-    train_on_buffers,
-)
+from neuron_embeddings.sae.comparison import compare_units
+from neuron_embeddings.sae.config import SCHEMA, check_sae_config, sae_specs, train_settings, with_defaults
+from neuron_embeddings.sae.figures import plot_comparison
+from neuron_embeddings.sae.latents import drop_inactive
+from neuron_embeddings.sae.model import SparseAutoencoder, check_fits
+from neuron_embeddings.sae.saelens_io import load_sae, save_sae
+from neuron_embeddings.sae.streaming import held_out_windows
+from neuron_embeddings.sae.training import TrainSettings, train_on_buffers
 from neuron_embeddings.storage import write_parquet
 from neuron_embeddings.topk import NO_TOKEN
-from neuron_embeddings.units import check_sae_config, sae_specs
 
 D_IN, D_SAE = 12, 30
 
@@ -195,8 +198,9 @@ def planted(n: int, seed: int, d_in: int = 16, n_features: int = 32, active: int
 @pytest.mark.parametrize("architecture", ["topk", "relu"])
 def test_training_fits_planted_sparse_activations(architecture):
     data, held_out = planted(4000, 0), planted(1000, 1)
-    settings = TrainSettings(architecture=architecture, expansion=2, k=4, l1_coefficient=0.3,
-                             lr=1e-2 if architecture == "topk" else 3e-3, batch_size=250, epochs=5, seed=0)
+    settings = TrainSettings(**train_settings(architecture=architecture, expansion=2, k=4, l1_coefficient=0.3,
+                                              lr=1e-2 if architecture == "topk" else 3e-3, batch_size=250, epochs=5,
+                                              seed=0))
     sae, record = train_on_buffers(iter([data[:2000], data[2000:]]), 16, settings, torch.device("cpu"), 4000, layer=0)
     assert record["tokens"] == 4000 and record["steps"] == 5 * 16
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae), atol=1e-4)  # unit-norm decoder rows
@@ -210,7 +214,7 @@ def test_training_fits_planted_sparse_activations(architecture):
 
 def test_training_is_seeded():
     data = planted(600, 0)
-    settings = TrainSettings(architecture="topk", expansion=2, k=4, batch_size=100, epochs=2, seed=5)
+    settings = TrainSettings(**train_settings(architecture="topk", expansion=2, k=4, batch_size=100, epochs=2, seed=5))
     first, _ = train_on_buffers(iter([data]), 16, settings, torch.device("cpu"), 600)
     again, _ = train_on_buffers(iter([data]), 16, settings, torch.device("cpu"), 600)
     assert torch.equal(again.W_enc, first.W_enc) and torch.equal(again.b_dec, first.b_dec)
@@ -232,14 +236,46 @@ def test_inactive_entries_are_emptied_so_latents_keep_only_tokens_where_they_fir
     assert torch.equal(out["context"][0, 0], state["context"][0, 0])
 
 
-def test_bootstrap_interval_is_seeded_and_holds_the_statistic():
-    values = np.random.default_rng(0).exponential(size=500)
-    median, low, high = bootstrap_ci(values, "median", 500, seed=3)
-    assert low <= median <= high and median == pytest.approx(np.median(values))
-    assert bootstrap_ci(values, "median", 500, seed=3) == (median, low, high)
-    _, low_small, high_small = bootstrap_ci(values[:50], "median", 500, seed=3)
-    assert high_small - low_small > high - low
-    assert bootstrap_ci(np.array([]), "mean") == (None, None, None)
+def metrics_table(path, clusters: list[int], distances: list[float | None], statuses: list[str]):
+    n = len(clusters)
+    columns = {field.name: pa.nulls(n, field.type) for field in schemas.METRICS}
+    zeros = {"layer": [1] * n, "neuron": list(range(n)), "size": [0 if s == "dead" else 10 for s in statuses],
+             "duplicates": [0] * n, "largest_cluster_share": [1.0] * n, "max_activation": [1.0] * n,
+             "min_activation": [0.0] * n, "mean_activation": [0.5] * n, "frac_positive": [0.5] * n}
+    columns.update({key: pa.array(values, schemas.METRICS.field(key).type) for key, values in zeros.items()})
+    columns.update(status=pa.array(statuses, pa.string()), n_clusters=pa.array(clusters, pa.int32()),
+                   mean_distance=pa.array(distances, pa.float32()))
+    write_parquet(pa.table(columns, schema=schemas.METRICS), path, {"clustering": {"method": "test"}})
+    return path
+
+
+def test_comparison_has_seeded_bootstrap_intervals_over_live_units(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 200
+    statuses = ["live"] * (n - 20) + ["few_examples"] * 10 + ["dead"] * 10
+    neurons = metrics_table(tmp_path / "neurons.parquet", list(rng.integers(1, 6, n)),
+                            [float(v) for v in rng.uniform(0.3, 0.9, n)], statuses)
+    latents = metrics_table(tmp_path / "latents.parquet", [1] * (n - 1) + [0], [0.2] * (n - 1) + [None],
+                            ["live"] * (n - 1) + ["dead"])
+    quality = tmp_path / "quality.json"
+    quality.write_text(json.dumps({"fve": 0.9, "provenance": {}}))
+    compare_units(neurons, latents, quality, tmp_path / "a.json", "x", 1, n_boot=200)
+    compare_units(neurons, latents, quality, tmp_path / "b.json", "x", 1, n_boot=200)
+    result = json.loads((tmp_path / "a.json").read_text())
+    assert result == json.loads((tmp_path / "b.json").read_text())  # seeded
+    assert result["quality"] == {"fve": 0.9} and result["bootstrap"]["resamples"] == 200
+    summary = result["neurons"]
+    assert summary["units"] == n and summary["units_compared"] == n - 20  # live units only
+    for key in ("clusters_per_unit_median", "clusters_per_unit_mean", "mean_distance_median", "mean_distance_mean",
+                "polysemantic_mean"):
+        value, (low, high) = summary[key]["value"], summary[key]["ci95"]
+        assert low <= value <= high and low < high, key
+    assert summary["mean_distance_mean"]["value"] == pytest.approx(
+        np.mean(pq.read_table(neurons).column("mean_distance").to_numpy()[: n - 20]), rel=1e-6)
+    constant = result["latents"]["clusters_per_unit_median"]  # no spread: the value at both ends
+    assert constant == {"value": 1.0, "ci95": [1.0, 1.0]}
+    plot_comparison(neurons, latents, tmp_path / "plot.png", "x", 1)
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_held_out_windows_do_not_depend_on_the_shard_split(tmp_path):
@@ -263,20 +299,63 @@ def test_held_out_windows_do_not_depend_on_the_shard_split(tmp_path):
 
 
 def test_sae_config_names_and_checks(tmp_path):
-    config = {"layers": [1, 2], "sae": {
+    config = with_defaults({"layers": [1, 2], "sae": {
         "train": [{"layer": 1, "architecture": "topk", "expansion": 2, "k": 8}, {"layer": 2, "architecture": "relu"}],
         "external": [{"name": "theirs", "layer": 2, "path": str(tmp_path)}],
         "training": {"lr": 0.01},
-    }}
+    }})
     specs = sae_specs(config)
     assert list(specs) == ["layer-1-topk-x2", "layer-2-relu-x4", "theirs"]
-    assert specs["layer-1-topk-x2"]["train"]["k"] == 8 and "l1_coefficient" not in specs["layer-1-topk-x2"]["train"]
-    assert specs["layer-2-relu-x4"]["train"]["lr"] == 0.01 and "k" not in specs["layer-2-relu-x4"]["train"]
+    # The setting the other architecture uses is None, so changing it reruns nothing.
+    assert specs["layer-1-topk-x2"]["train"]["k"] == 8 and specs["layer-1-topk-x2"]["train"]["l1_coefficient"] is None
+    assert specs["layer-2-relu-x4"]["train"]["lr"] == 0.01 and specs["layer-2-relu-x4"]["train"]["k"] is None
+    for spec in (specs["layer-1-topk-x2"], specs["layer-2-relu-x4"]):
+        TrainSettings(**spec["train"]).check()  # every field, from the schema's defaults where the config has none
     with pytest.raises(PipelineError, match="has no cfg.json"):
         check_sae_config(config)
     write_saelens(tmp_path, {"d_in": D_IN, "d_sae": D_SAE}, saelens_tensors())
     check_sae_config(config)
     with pytest.raises(PipelineError, match="reads layer 3, which is not in layers"):
-        check_sae_config({**config, "sae": {"train": [{"layer": 3}]}})
+        check_sae_config(with_defaults({**config, "sae": {"train": [{"layer": 3}]}}))
     with pytest.raises(PipelineError, match="a second SAE named 'theirs'"):
-        sae_specs({**config, "sae": {"external": config["sae"]["external"] * 2}})
+        sae_specs(with_defaults({**config, "sae": {"external": config["sae"]["external"] * 2}}))
+    with pytest.raises(PipelineError, match="sae.training"):
+        with_defaults({"sae": {"training": {"learning_rate": 0.1}}})
+
+
+def test_sae_defaults_live_in_the_config_schema_only():
+    """No dataclass default repeats the schema's: TrainSettings has none, and train_settings takes the schema's."""
+    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               for f in dataclasses.fields(TrainSettings))
+    sae_schema = yaml.safe_load(SCHEMA.read_text())["properties"]["sae"]["properties"]
+    settings = train_settings()
+    assert set(settings) == {f.name for f in dataclasses.fields(TrainSettings)}
+    assert settings["eval_tokens"] == sae_schema["eval_tokens"]["default"]
+    for key, prop in sae_schema["training"]["properties"].items():
+        assert settings[key] == prop["default"], key
+    for key, prop in sae_schema["train"]["items"]["properties"].items():
+        if "default" in prop and settings[key] is not None:
+            assert settings[key] == prop["default"], key
+    assert train_settings(architecture="relu", lr=0.5, eval_tokens=7)["lr"] == 0.5
+
+
+def test_each_sae_script_imports_only_the_modules_it_runs():
+    """Editing a module reruns exactly the stages whose scripts import it (codehash.py): the package's __init__
+    imports nothing, the config read at parse time has no torch, and a plot does not retrain an SAE."""
+    scripts = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
+    sae_modules = {script: {m.rsplit(".", 1)[1] for m in imported_modules(scripts / f"{script}.py")
+                            if m.startswith("neuron_embeddings.sae.")}
+                   for script in ("train_sae", "import_sae", "cache_sae", "embed_sae_latents", "evaluate_sae",
+                                  "compare_sae")}
+    assert sae_modules == {
+        "train_sae": {"training", "model", "saelens_io", "streaming"},
+        "import_sae": {"saelens_io", "model"},
+        "cache_sae": {"latents", "model", "saelens_io", "streaming"},
+        "embed_sae_latents": {"embedding", "model", "saelens_io"},
+        "evaluate_sae": {"evaluation", "model", "saelens_io", "streaming"},
+        "compare_sae": {"comparison", "figures"},
+    }
+    code = ("import sys, neuron_embeddings.sae.config, neuron_embeddings.sae; "
+            "print(sorted(m for m in sys.modules if m.startswith(('torch', 'neuron_embeddings.sae.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['neuron_embeddings.sae.config']"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import planned_jobs, run_snakemake, tiny_config, write_corpus
+from conftest import planned_jobs, run_snakemake, tiny_config, write_corpus, plan_with_edit, scratch_copy
 from neuron_embeddings import schemas
 from neuron_embeddings.embeddings import verify_file
 from neuron_embeddings.storage import check_schema, parquet_provenance
@@ -117,3 +117,22 @@ def test_finished_sae_run_has_nothing_to_do(sae_run):
     run = f"results/{config['run']}"
     proc = run_snakemake(workdir, config, f"{run}/sae/ext/comparison.json", f"{run}/report/index.html", "-n")
     assert planned_jobs(proc) == {}, proc.stdout[-2000:]
+
+
+def test_an_sae_module_edit_reruns_only_the_stages_that_run_it(sae_run, tmp_path):
+    """The SAE package is split by stage, so e.g. a plot's colour reruns the comparison, not the training."""
+    workdir, config = sae_run
+    run = f"results/{config['run']}"
+    targets = [f"{run}/report/index.html"] + [f"{run}/sae/{name}/comparison.json" for name in ("layer-1-topk-x2", "ext")]
+    copy = scratch_copy(tmp_path / "repo")
+
+    def plan(module: str) -> set[str]:
+        return plan_with_edit(sae_run, copy, module, lambda text: text + "\n_RERUN_PROBE = 1\n", *targets)
+
+    after_comparison = {"compare_sae", "report"}
+    assert plan("neuron_embeddings.sae.figures") == after_comparison
+    assert plan("neuron_embeddings.sae.comparison") == after_comparison
+    after_embedding = {"embed_sae_latents", "cluster_sae_latents", "sae_latent_metrics"} | after_comparison
+    assert plan("neuron_embeddings.sae.embedding") == after_embedding
+    assert plan("neuron_embeddings.sae.training") >= {"train_sae"} | after_embedding
+    assert "import_sae" not in plan("neuron_embeddings.sae.training")

@@ -6,10 +6,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from scipy import stats
 
 from conftest import run_snakemake, tiny_config, write_corpus
 from neuron_embeddings.topk import (
     HIST_EDGES,
+    NO_TOKEN,
     ThresholdAccumulator,
     TopKAccumulator,
     eligibility_floor,
@@ -44,9 +46,16 @@ def feed(acc_factory, data, batch, shards):
     return states
 
 
-def brute_threshold(data, alpha, cap, seed):
+def signed(act, sign):
+    """What a selection of this sign ranks by, written out here rather than taken from topk.score."""
+    return {"positive": act, "negative": -act, "both": act.abs()}[sign]
+
+
+def brute_threshold(data, alpha, cap, seed, sign="positive"):
+    """Per neuron, the tokens of the cap lowest priorities among every valid entry with score >= alpha x max,
+    ties by token; and each neuron's max score."""
     act, _, _, valid, token = data
-    a = act[valid]  # [R, N]
+    a = signed(act, sign)[valid]  # [R, N]
     tok = token[valid]
     floor = eligibility_floor(a.max(0).values, alpha)
     expected = {}
@@ -56,6 +65,18 @@ def brute_threshold(data, alpha, cap, seed):
         order = sorted(range(len(rows)), key=lambda i: (keys[i].item(), tok[rows[i]].item()))
         expected[n] = [tok[rows[i]].item() for i in order[:cap]]
     return expected, a.max(0).values
+
+
+def merge_orders(states, k, quantile_k=None):
+    """The same shards merged in several orders and groupings (and as merges of merges): all must agree."""
+    assert len(states) >= 3
+    merge = lambda parts: merge_states(parts, k, quantile_k)  # noqa: E731
+    return {
+        "forward": merge(states),
+        "reversed": merge(states[::-1]),
+        "rotated": merge(states[1:] + states[:1]),
+        "nested": merge([merge(states[2:]), merge(states[:2][::-1])]),
+    }
 
 
 @pytest.mark.parametrize("batch,shards", [(1, 1), (4, 1), (12, 1), (3, 2), (5, 3)])
@@ -78,13 +99,41 @@ def test_threshold_selection_equals_brute_force(batch, shards):
             assert torch.equal(merged["x"][merged["xrow"][n, j]], flat_x[t])
 
 
-def test_threshold_sample_is_capped_and_uniformish():
+@pytest.mark.parametrize("sign,alpha", [("positive", 0.25), ("negative", 2 / 3), ("both", 0.25)],
+                         ids=["positive", "negative", "both"])
+def test_threshold_sample_is_capped_seeded_and_merges_in_any_order(sign, alpha):
+    """The real ThresholdAccumulator, streamed over 4 shards merged in any order, against the brute force.
+
+    The cap binds on every neuron (far more eligible entries than cap), so what is kept is a sample: exactly the
+    cap lowest priorities among the eligible, entries lying exactly on the floor (alpha x max) included; another
+    seed draws another sample of the same size. alpha puts each sign's floor on a value the data holds (1.0).
+    """
     data = make_data(n_windows=60, seed=1)
-    expected, max_act = brute_threshold(data, 0.25, 10, 0)
-    assert all(len(v) <= 10 for v in expected.values())
-    # a different seed picks a different sample of the same eligible set
-    other, _ = brute_threshold(data, 0.25, 10, 1)
-    assert any(expected[n] != other[n] for n in range(N))
+    act, pre, x, valid, token = data
+    cap = 10
+    score = signed(act, sign).reshape(-1, N)  # by token: token t is row t (token = window * T + position)
+    unit = torch.arange(N)[:, None].expand(N, cap)
+    samples = []
+    for seed in (0, 1):
+        expected, max_score = brute_threshold(data, alpha, cap, seed, sign)
+        floor = eligibility_floor(max_score, alpha)
+        assert torch.equal(floor, torch.ones(N))
+        eligible = (signed(act, sign)[valid] >= floor).sum(0)
+        assert bool((eligible >= 4 * cap).all())  # a real sample on every neuron
+        assert any(score[t, n] == floor[n] for n in range(N) for t in expected[n])  # on the floor: >= matters
+        factory = lambda: ThresholdAccumulator(max_score, D, P, alpha, cap, 2, 1, seed, sign=sign)  # noqa: E731
+        one_pass = merge_states(feed(factory, data, 7, 1), cap)
+        merges = {"one pass": one_pass, **merge_orders(feed(factory, data, 4, 4), cap)}
+        for how, merged in merges.items():
+            kept = merged["tokens"]
+            assert kept.tolist() == [expected[n] for n in range(N)], how  # in rank order, no slot empty
+            assert torch.equal(merged["values"], act.reshape(-1, N)[kept, unit]), how  # with its sign
+            assert torch.equal(merged["x"][merged["xrow"]], x.reshape(-1, D)[kept]), how
+            for j, projection in enumerate(pre):
+                assert torch.equal(merged["pre"][..., j], projection.reshape(-1, N)[kept, unit]), how
+        samples.append(one_pass["tokens"])
+    # the seed changes which entries are kept (on every neuron: 10 of 40+), never how many
+    assert all(set(samples[0][n].tolist()) != set(samples[1][n].tolist()) for n in range(N))
 
 
 def test_quantile_bins_equal_brute_force():
@@ -93,23 +142,97 @@ def test_quantile_bins_equal_brute_force():
     alpha, bins, per_bin, seed = 0.75, 3, 2, 5
     _, max_act = brute_threshold(data, alpha, 1, seed)
     factory = lambda: ThresholdAccumulator(max_act, D, P, alpha, 4, 1, 1, seed, bins, per_bin)  # noqa: E731
-    merged = merge_states(feed(factory, data, 3, 2), 4, per_bin)
     a, tok = act[valid], token[valid]
+    x = data[2].reshape(-1, D)  # by token
     top = eligibility_floor(max_act, alpha).clamp(min=0)
-    for n in range(N):
-        for b in range(bins):
-            slot = n * bins + b
-            lo, hi = top[n] * b / bins, top[n] * (b + 1) / bins
-            inside = (a[:, n] >= 0) & (a[:, n] < top[n])
-            which = ((a[:, n] / (top[n] if top[n] > 0 else 1)) * bins).long().clamp(0, bins - 1)
-            rows = (inside & (which == b)).nonzero(as_tuple=True)[0]
-            keys = priority(tok[rows], torch.full_like(tok[rows], slot), seed)
-            order = sorted(range(len(rows)), key=lambda i: (keys[i].item(), tok[rows[i]].item()))
-            want = [tok[rows[i]].item() for i in order[:per_bin]]
-            got = [t for t in merged["quantile.tokens"][slot].tolist() if t != torch.iinfo(torch.int64).max]
-            assert got == want, (n, b)
-            vals = merged["quantile.values"][slot][: len(got)]
-            assert torch.all((vals >= lo - 1e-6) & (vals < hi + 1e-6))
+    for how, merged in merge_orders(feed(factory, data, 3, 3), 4, per_bin).items():
+        for n in range(N):
+            for b in range(bins):
+                slot = n * bins + b
+                lo, hi = top[n] * b / bins, top[n] * (b + 1) / bins
+                inside = (a[:, n] >= 0) & (a[:, n] < top[n])
+                which = ((a[:, n] / (top[n] if top[n] > 0 else 1)) * bins).long().clamp(0, bins - 1)
+                rows = (inside & (which == b)).nonzero(as_tuple=True)[0]
+                keys = priority(tok[rows], torch.full_like(tok[rows], slot), seed)
+                order = sorted(range(len(rows)), key=lambda i: (keys[i].item(), tok[rows[i]].item()))
+                want = [tok[rows[i]].item() for i in order[:per_bin]]
+                got = [t for t in merged["quantile.tokens"][slot].tolist() if t != NO_TOKEN]
+                assert got == want, (how, n, b)
+                vals = merged["quantile.values"][slot][: len(got)]
+                assert torch.equal(vals, act.reshape(-1, N)[got, n]), (how, n, b)
+                assert torch.equal(merged["quantile.x"][merged["quantile.xrow"][slot][: len(got)]], x[got]), (how, n, b)
+                assert torch.all((vals >= lo - 1e-6) & (vals < hi + 1e-6))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the priority hash behind the threshold mode's uniform sample (and the quantile bins' samples)
+#
+# The inputs are fixed, so these never flake; the bounds are wide for any decent hash (p-values of 1e-6,
+# correlations of ~6 standard errors), while a biased, constant, coarse, counter-like or neuron-blind hash misses
+# them by orders of magnitude.
+
+P_MIN = 1e-6
+MERSENNE = 2**31 - 1  # the hash mixes token % and // this: a run across it must look like any other
+
+
+@pytest.mark.parametrize("start,slot,seed", [(0, 0, 0), (0, 513, 7), (MERSENNE - 50_000, 3, 1), (10**12, 1, 0)])
+def test_priority_is_uniform_over_consecutive_tokens(start, slot, seed):
+    token = torch.arange(start, start + 100_000)
+    p = priority(token, torch.full_like(token, slot), seed).numpy()
+    assert p.dtype == np.float64 and p.min() >= 0 and p.max() < 1
+    # ties fall back to the token index, i.e. to the earliest tokens: ~2 collisions expected among 1e5 of 2^31
+    assert np.unique(p).size >= 99_990
+    counts = np.bincount((p * 100).astype(int), minlength=100)  # 1000 a bin
+    assert P_MIN < stats.chisquare(counts).pvalue < 1 - P_MIN  # neither uneven nor as even as a counter
+    pairs = np.bincount((p[:-1] * 10).astype(int) * 10 + (p[1:] * 10).astype(int), minlength=100)
+    assert stats.chisquare(pairs).pvalue > P_MIN  # a token's priority says nothing of the next one's
+    assert abs(np.corrcoef(p[:-1], p[1:])[0, 1]) < 0.02  # standard error 0.003
+    assert abs(np.corrcoef(p, np.arange(p.size))[0, 1]) < 0.02  # no drift towards low or high indices
+
+
+def test_priority_is_independent_across_neurons_and_seeds():
+    """Each neuron (slot) and seed must draw its own sample: the same tokens' priorities, compared pairwise."""
+    token = torch.arange(100_000)
+    base = priority(token, torch.zeros_like(token), 0).numpy()
+    for slot, seed in [(1, 0), (2, 0), (4096, 0), (0, 1), (0, 2), (1, 1)]:
+        other = priority(token, torch.full_like(token, slot), seed).numpy()
+        grid = np.bincount((base * 10).astype(int) * 10 + (other * 10).astype(int), minlength=100)
+        assert stats.chisquare(grid).pvalue > P_MIN, (slot, seed)
+        assert abs(np.corrcoef(base, other)[0, 1]) < 0.02, (slot, seed)
+    # one token over 100k consecutive slots (the quantile bins' slots run to neurons x bins) is uniform too
+    slots = torch.arange(100_000)
+    across = priority(torch.full_like(slots, 12_345), slots, 0).numpy()
+    assert stats.chisquare(np.bincount((across * 100).astype(int), minlength=100)).pvalue > P_MIN
+    assert abs(np.corrcoef(across[:-1], across[1:])[0, 1]) < 0.02
+
+
+def test_threshold_cap_keeps_a_uniform_sample_of_positions():
+    """The real ThresholdAccumulator, cap 10 among 200 equally eligible tokens (every activation ties on the max),
+    for 2000 neurons: each position should be kept by about 2000 x 10 / 200 = 100 of them, and no two neurons
+    should keep the same 10. A hash that prefers low (or high) indices, ties, or ignores the neuron piles them up."""
+    n_units, windows, width, cap = 2000, 10, 21, 10
+    act = torch.ones(windows, width, n_units)
+    valid = torch.ones(windows, width, dtype=torch.bool)
+    valid[:, 0] = False  # BOS: 20 candidates a window
+    token = 70_000 + torch.arange(windows)[:, None] * width + torch.arange(width)[None, :]
+    x = torch.zeros(windows, width, 1)
+    acc = ThresholdAccumulator(torch.ones(n_units), 1, 1, 0.5, cap, 0, 0, seed=0)
+    for lo in range(0, windows, 3):
+        part = slice(lo, lo + 3)
+        acc.update(act[part], [act[part]], x[part], valid[part], token[part])
+    kept = acc.state()["tokens"]
+    candidates = token[valid]  # ascending
+    assert candidates.numel() == 200 and bool((kept != NO_TOKEN).all())
+    position = torch.searchsorted(candidates, kept)
+    assert torch.equal(candidates[position], kept)
+    counts = np.bincount(position.reshape(-1).numpy(), minlength=200)  # 100 expected each
+    assert stats.chisquare(counts).pvalue > P_MIN
+    assert counts.min() >= 50 and counts.max() <= 150  # Poisson(100): about 5 standard deviations
+    deciles = counts.reshape(10, 20).sum(1)  # 2000 expected each
+    assert stats.chisquare(deciles).pvalue > P_MIN
+    first_half = counts[:100].sum() / counts.sum()
+    assert 0.47 < first_half < 0.53  # standard error 0.0035
+    assert len({tuple(sorted(row)) for row in position.tolist()}) >= n_units - 10  # each neuron its own sample
 
 
 def test_histogram_counts_every_valid_token():

@@ -16,7 +16,7 @@ from neuron_embeddings.toy import (
     run_toy,
     score_neurons,
     select_examples,
-    summarise_toys,
+    summarize_toys,
     train_toy,
     true_features,
 )
@@ -97,7 +97,7 @@ def test_run_and_summary_write_their_outputs(tmp_path):
         assert table.num_rows == 3 * 2 * 2
         assert set(table.column("input_dim").to_pylist()) == {dim or 0}
         paths.append(scores)
-    choice = summarise_toys(paths, tmp_path / "recovery.parquet", tmp_path / "choice.json", tmp_path / "recovery.png")
+    choice = summarize_toys(paths, tmp_path / "recovery.parquet", tmp_path / "choice.json", tmp_path / "recovery.png")
     data = json.loads((tmp_path / "choice.json").read_text())
     assert choice["method"] in ("threshold_graph", "agglomerative") and choice["threshold"] in (0.3, 0.6)
     best = max(c["mean_ari"] for c in data["candidates"])

@@ -74,12 +74,27 @@ def test_every_output_has_its_schema_and_the_invariant_holds(tiny_run):
 
 
 def test_report_is_html_with_escaped_corpus_text(tiny_run):
+    """The tiny corpus carries markup (conftest.TEXTS: `<script>window.pwned=1</script> "quotes" & </div>`). A shown
+    context is a few tokens, each in its own span, so the report shows pieces of it: at least one token with markup
+    characters must be shown, and every token (text and tooltip) must be in the HTML only as plain characters and
+    entities. The whole payload, escaped in one token, is checked in test_pages.py."""
+    import html
+    import re
+
     workdir, config = tiny_run
     page = (workdir / "results" / config["run"] / "report/index.html").read_text()
     assert page.startswith("<!DOCTYPE html>")
-    assert "<script" not in page  # corpus text carries <script>; it must never appear unescaped
+    assert "<script" not in page and "pwned=1</" not in page  # corpus text must never appear unescaped
     assert "Layer 0" in page and "Layer 2" in page
     assert "data:image/png;base64," in page  # the per-layer distribution plots
+    tokens = re.findall(r'<span class="tok(?: max)?" style="[^"]*" title="([^"]*)">(.*?)</span>', page, re.S)
+    markup = [text for _, text in tokens if set(html.unescape(text)) & set('<>&"')]
+    assert markup, "no example shows the corpus's markup, so nothing here tests its escaping"
+    escaped = re.compile(r'(?:[^<>&"]|&(?:#[0-9]+|#x[0-9a-fA-F]+|[a-zA-Z]+);)*')
+    for title, text in tokens:
+        assert escaped.fullmatch(text) and escaped.fullmatch(title), (title, text)
+    entity = re.compile(r"&(?:#[0-9]+|#x[0-9a-fA-F]+|[a-zA-Z]+);")
+    assert any(entity.search(text) for text in markup)  # the markup is in the HTML as entities (&lt; &amp; &#34;)
 
 
 def test_bad_config_fails_before_any_job_with_one_line(tiny_llama, tmp_path):
@@ -105,7 +120,16 @@ def test_bad_config_fails_before_any_job_with_one_line(tiny_llama, tmp_path):
 
 def test_embedded_smollm2_default_runs_end_to_end(tmp_path):
     """The shipped default model and corpus, with few tokens and one layer."""
-    pytest.importorskip("gguf")
+    # Never skipped: gguf is in the `demo` extra that `make test` installs, so its absence is a broken install.
+    missing = None
+    try:
+        import gguf  # noqa: F401
+    except ImportError as error:
+        missing = error
+    if missing is not None:
+        pytest.fail(f"gguf cannot be imported ({missing}): the shipped default model is a GGUF file and this is its "
+                    "only end-to-end test. Install the demo extra, as `make test` does: "
+                    "pip install -e '.[demo,workflow,test]'", pytrace=False)
     config = {
         "run": "smollm2-small",
         "model": {"source": "builtin:smollm2-135m-instruct"},

@@ -25,6 +25,29 @@ def _key_path(parts: Any) -> str:
     return out
 
 
+def fill_defaults(config: dict[str, Any], schema_path: str | os.PathLike) -> dict[str, Any]:
+    """A copy of a valid config with the schema's defaults filled in, as Snakemake's validate does in the
+    workflow: the schema is the one place a default is written, for the command line and library users too."""
+    import copy
+
+    import yaml
+    from jsonschema import Draft202012Validator, validators
+
+    validate_config(config, schema_path)
+
+    def properties_with_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub:
+                    instance.setdefault(name, copy.deepcopy(sub["default"]))
+        yield from Draft202012Validator.VALIDATORS["properties"](validator, properties, instance, schema)
+
+    filling = validators.extend(Draft202012Validator, {"properties": properties_with_defaults})
+    filled = copy.deepcopy(config)
+    filling(yaml.safe_load(Path(schema_path).read_text())).validate(filled)
+    return filled
+
+
 def validate_config(config: dict[str, Any], schema_path: str | os.PathLike) -> None:
     """The JSON-schema check, as one line naming the key and the value (Snakemake's own validate prints the schema)."""
     import yaml
@@ -170,9 +193,9 @@ def check_corpus(config: dict[str, Any]) -> None:
                 raise PipelineError(f"corpus.sources[{index}].path: '{source['path']}' matches no file")
             if all(os.path.getsize(f) == 0 for f in files):
                 raise PipelineError(f"corpus.sources[{index}].path: '{source['path']}' matches only empty files")
-    if corpus.get("min_window_tokens", 2) > corpus["window_tokens"]:
+    if corpus["min_window_tokens"] > corpus["window_tokens"]:
         raise PipelineError(
-            f"corpus.min_window_tokens: {corpus.get('min_window_tokens')} is larger than "
+            f"corpus.min_window_tokens: {corpus['min_window_tokens']} is larger than "
             f"corpus.window_tokens ({corpus['window_tokens']})"
         )
 
@@ -191,7 +214,7 @@ def check_config(config: dict[str, Any], prepared_model: str | os.PathLike | Non
             raise PipelineError(f"models[{index}] ({entry['name']}): {exc}") from None
     check_corpus(config)
     sel = config["selection"]
-    needed = sel.get("context_before", 20) + sel.get("context_after", 10) + 1
+    needed = sel["context_before"] + sel["context_after"] + 1
     if needed > 4 * config["corpus"]["window_tokens"] + 1:
         raise PipelineError("selection.context_before/after: the context is far wider than corpus.window_tokens")
 

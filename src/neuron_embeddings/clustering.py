@@ -20,10 +20,9 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from . import schemas
-from .checks import threshold_for  # noqa: F401 (defined with the other config logic; used here by callers)
-from .embeddings import load_layer
 from .errors import PipelineError
 from .storage import parquet_provenance, provenance, write_parquet
+from .tables import read_embeddings
 
 METHODS = ("threshold_graph", "agglomerative")
 NO_CLUSTER = -1  # the cluster of every example of a neuron with all-zero embeddings
@@ -119,7 +118,7 @@ def neuron_groups(neuron: np.ndarray) -> list[tuple[int, int, int]]:
 def cluster_layer(embeddings_path: str | os.PathLike, out_path: str | os.PathLike, layer: int, threshold: float, method: str) -> dict[str, Any]:
     if method not in METHODS:
         raise PipelineError(f"clustering.method: '{method}' is not one of {', '.join(METHODS)}")
-    table, emb = load_layer(embeddings_path)
+    table, emb = read_embeddings(embeddings_path)
     neuron = table.column("neuron").to_numpy()
     scale = zero_norm_scale(emb)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("cluster", "cluster_size", "is_central", "mean_similarity")}

@@ -19,26 +19,9 @@ from typing import Any
 import numpy as np
 
 from . import schemas
-from .figures import finite
-from .metrics import live, summarize_layer
-from .report import esc, fmt
+from .metrics import interval, live, summarize_layer
+from .pages import render
 from .storage import atomic_path, read_parquet, write_json
-
-
-def interval(values: np.ndarray, statistic: Any, resamples: int, seed: int) -> dict[str, float | None]:
-    """The statistic and its 95% percentile-bootstrap interval; the value itself as both ends when there is too
-    little data (fewer than two values, or no spread) to resample."""
-    from scipy.stats import bootstrap
-
-    values = finite(values)
-    if not values.size:
-        return {"value": None, "low": None, "high": None}
-    value = float(statistic(values))
-    if values.size < 2 or resamples < 1 or np.all(values == values[0]):
-        return {"value": value, "low": value, "high": value}
-    result = bootstrap((values,), statistic, n_resamples=resamples, method="percentile", vectorized=False,
-                       random_state=np.random.default_rng(seed), confidence_level=0.95)
-    return {"value": value, "low": float(result.confidence_interval.low), "high": float(result.confidence_interval.high)}
 
 
 def _share_polysemantic(values: np.ndarray) -> float:
@@ -148,37 +131,9 @@ def figure(rows: list[dict[str, Any]], names: list[str]) -> str:
 
 
 def comparison_page(comparison: dict[str, Any], png: str) -> str:
-    names = comparison["models"]
-    body = [
-        "<h1>Models compared</h1>",
-        '<p class="muted">Layers matched by ' + esc(comparison["matched_by"]) + ". Figures over live neurons only; "
-        "brackets: 95% bootstrap intervals (" + esc(comparison["bootstrap"]["resamples"]) + " resamples).</p>",
-        "<ul>" + "".join(f"<li><b>{esc(n)}</b>: {esc(comparison['descriptions'].get(n, ''))}</li>" for n in names) + "</ul>",
-        f'<img alt="comparison" src="data:image/png;base64,{png}">',
-        "<table><tr><th>position</th><th class=\"l\">model</th><th>layer</th><th>live / neurons</th>"
-        "<th>median clusters</th><th>polysemantic share</th><th>token ARI</th><th>clusters, x alone</th>"
-        "<th>ARI x vs x*w</th><th>stability</th></tr>",
-    ]
-    for row in comparison["rows"]:
-        for name in names:
-            e = row["models"].get(name)
-            if e is None:
-                continue
-            c, f = e["clusters_median"], e["frac_polysemantic"]
-            body.append(
-                f"<tr><td>{esc(row['position'])}</td><td class=\"l\">{esc(name)}</td><td>{esc(e['layer'])}</td>"
-                f"<td>{esc(e['live'])} / {esc(e['neurons'])}</td>"
-                f"<td>{fmt(c['value'], 1)} [{fmt(c['low'], 1)}, {fmt(c['high'], 1)}]</td>"
-                f"<td>{fmt(f['value'], 3)} [{fmt(f['low'], 3)}, {fmt(f['high'], 3)}]</td>"
-                f"<td>{fmt(e['ari_token_median'], 2)}</td><td>{fmt(e['clusters_input_only_median'], 1)}</td>"
-                f"<td>{fmt(e['ari_input_median'], 2)}</td><td>{fmt(e['stability_median'], 2)}</td></tr>"
-            )
-    body.append("</table>")
-    style = ("body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:72rem;color:#222;padding:0 1rem}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}"
-             "th{background:#f3f3f3}td.l,th.l{text-align:left}.muted{color:#777}img{max-width:100%}")
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Models compared</title>"
-            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+    """The comparison page (compare_assets/comparison_page.html.j2): `comparison` as compare_models writes it,
+    `png` the figure as base64."""
+    return render(__file__, "comparison_page.html.j2", comparison=comparison, png=png)
 
 
 def describe_model(manifest_path: str | os.PathLike) -> tuple[int, str]:

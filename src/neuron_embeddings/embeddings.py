@@ -18,6 +18,7 @@ from . import schemas
 from .errors import PipelineError
 from .models import layer_input_weights, load_tokenizer, read_manifest
 from .storage import load_tensors, provenance, read_parquet, write_parquet
+from .tables import fixed_list, selected_entries
 
 # Relative tolerance on |sum(e) + b - pre| against sum(|e|): float32 accumulation error is ~1e-7 per term.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
@@ -25,58 +26,6 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
 def worst_dtype(*dtypes: str) -> str:
     return max(dtypes, key=lambda d: TOLERANCE[d])
-
-
-def selected_entries(state: dict[str, np.ndarray], mode: str, sign: str = "positive") -> dict[str, np.ndarray]:
-    """Every kept example of a selection file, main set and quantile bins together, ordered by neuron and then
-    by the selection's score of the activation (descending; ties by token), with x gathered from each set's store."""
-    parts = []
-    for prefix, label in (("", mode), ("quantile.", "quantile")):
-        if f"{prefix}values" not in state:
-            continue
-        values = state[f"{prefix}values"]
-        slot, col = np.nonzero(np.isfinite(values))
-        per_neuron = 1 if not prefix else values.shape[0] // state["values"].shape[0]
-        sample = [label] * len(slot) if not prefix else [f"quantile-{b}" for b in (slot % per_neuron).tolist()]
-        parts.append({
-            "neuron": slot // per_neuron,
-            "value": values[slot, col],
-            "token": state[f"{prefix}tokens"][slot, col],
-            "pre": state[f"{prefix}pre"][slot, col],
-            "context": state[f"{prefix}context"][slot, col],
-            "x": state[f"{prefix}x"][state[f"{prefix}xrow"][slot, col]].astype(np.float32),
-            "sample": np.array(sample, dtype=object),
-        })
-    joined = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    value = joined["value"].astype(np.float64)
-    strength = {"positive": value, "negative": -value, "both": np.abs(value)}[sign]
-    order = np.lexsort((joined["token"], -strength, joined["neuron"]))
-    joined = {key: value[order] for key, value in joined.items()}
-    starts = np.searchsorted(joined["neuron"], joined["neuron"], side="left")
-    joined["rank"] = np.arange(len(order)) - starts
-    return joined
-
-
-def store_rows(selection_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Per embeddings row (same order), its row in the selection's x stores, and the stores joined.
-
-    `embeddings.selected_entries` fixes the row order; handing it the row numbers in place of x gives, per
-    example, where its x is, without materialising x for every example.
-    """
-    state, meta = load_tensors(selection_path)
-    mode = meta.get("settings", {}).get("mode", "top_k")
-    indexed, stores, offset = dict(state), [], 0
-    for prefix in ("", "quantile."):
-        if f"{prefix}x" in state:
-            store = state[f"{prefix}x"]
-            if len(store) + offset >= 2**24:
-                raise PipelineError(f"{selection_path}: x store too large to index through float32 row numbers")
-            indexed[f"{prefix}x"] = (np.arange(len(store)) + offset)[:, None].astype(np.float32)
-            stores.append(store)
-            offset += len(store)
-    sign = meta.get("cache_settings", {}).get("sign", "positive")
-    rows = selected_entries(indexed, mode, sign)["x"][:, 0].astype(np.int64)
-    return rows, np.concatenate(stores).astype(np.float32)
 
 
 def invariant_error(embedding: np.ndarray, biases: np.ndarray, pre: np.ndarray) -> np.ndarray:
@@ -109,16 +58,10 @@ def verify_file(path: str | os.PathLike) -> float:
     dtype = worst_dtype(cache.get("dtype", "float32"), cache.get("store_dtype", "float32"))
     if table.num_rows == 0:
         return 0.0
-    emb = _fixed_list(table.column("embedding"))
-    biases = _fixed_list(table.column("biases")).astype(np.float64)
-    pre = _fixed_list(table.column("pre_activations")).astype(np.float64)
+    emb = fixed_list(table.column("embedding"))
+    biases = fixed_list(table.column("biases")).astype(np.float64)
+    pre = fixed_list(table.column("pre_activations")).astype(np.float64)
     return check_invariant(emb, biases, pre, dtype, str(path))
-
-
-def _fixed_list(column: pa.ChunkedArray) -> np.ndarray:
-    array = column.combine_chunks()
-    width = array.type.list_size
-    return array.values.to_numpy(zero_copy_only=False).reshape(len(array), width)
 
 
 class TokenText:
@@ -144,7 +87,7 @@ def build_embeddings(
     units: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Embeddings of the layer's neurons; or, given `weights` (per projection (W [n_units, d], b [n_units]), as
-    adapters' input_weights) of other units of the layer (an SAE's latents: sae.SparseAutoencoder.unit_weights),
+    adapters' input_weights) of other units of the layer (an SAE's latents: sae.model.SparseAutoencoder.unit_weights),
     of those units, described in the provenance by `units`. The model is then read only for its tokenizer."""
     state, sel_meta = load_tensors(selection_path)
     cache_settings = sel_meta["cache_settings"]
@@ -229,10 +172,3 @@ def build_embeddings(
     )
     write_parquet(table, out_path, meta)
     return {"rows": table.num_rows, "invariant_max_relative_error": worst}
-
-
-def load_layer(path: str | os.PathLike) -> tuple[pa.Table, np.ndarray]:
-    """The embeddings table (without the embedding column) and the embeddings as a float32 matrix."""
-    table = read_parquet(path, schemas.EMBEDDINGS)
-    emb = _fixed_list(table.column("embedding")) if table.num_rows else np.zeros((0, 0), np.float32)
-    return table.drop_columns(["embedding"]), emb

@@ -47,10 +47,10 @@ class Stage:
 
 def selection_k(sel: dict[str, Any]) -> int:
     """Most examples a neuron keeps (top_k, or the threshold mode's cap plus its quantile examples)."""
-    if sel.get("mode", "top_k") == "top_k":
-        return int(sel.get("top_k", 20))
-    quantiles = sel.get("quantiles") or {}
-    return int(sel.get("cap", 200)) + int(quantiles.get("bins", 0)) * int(quantiles.get("per_bin", 0))
+    if sel["mode"] == "top_k":
+        return int(sel["top_k"])
+    quantiles = sel["quantiles"]
+    return int(sel["cap"]) + int(quantiles["bins"]) * int(quantiles["per_bin"])
 
 
 def count_corpus(config: dict[str, Any], tokenizer: Any, budget_s: float, keep_windows: int):
@@ -58,9 +58,9 @@ def count_corpus(config: dict[str, Any], tokenizer: Any, budget_s: float, keep_w
     from .corpus import bos_token_id, cut_windows, iter_documents
 
     corpus = config["corpus"]
-    window, cap = corpus["window_tokens"], corpus.get("max_tokens")
-    bos = bos_token_id(tokenizer, corpus.get("prepend_bos", "auto"))
-    min_tokens = corpus.get("min_window_tokens", 2)
+    window, cap = corpus["window_tokens"], corpus["max_tokens"]
+    bos = bos_token_id(tokenizer, corpus["prepend_bos"])
+    min_tokens = corpus["min_window_tokens"]
     docs = tokens = 0
     sample: list[list[int]] = []
     start = time.perf_counter()
@@ -86,15 +86,15 @@ def cache_settings(config: dict[str, Any], device: str, top_k: int):
     from .activations import CacheSettings
 
     sel, act = config["selection"], config["activations"]
-    quantiles = sel.get("quantiles") or {}
+    quantiles = sel["quantiles"]
     values = {
         "top_k": top_k, "window_tokens": config["corpus"]["window_tokens"],
-        "context_before": sel.get("context_before", 20), "context_after": sel.get("context_after", 10),
-        "mode": sel.get("mode", "top_k"), "alpha": sel.get("alpha", 0.75), "cap": sel.get("cap", 200),
-        "seed": sel.get("seed", 0), "quantile_bins": quantiles.get("bins", 0),
-        "quantile_per_bin": quantiles.get("per_bin", 0), "batch_size": act.get("batch_size", 16),
-        "device": device, "dtype": act.get("dtype", "float32"), "store_dtype": act.get("store_dtype", "float32"),
-        "histogram_stride": act.get("histogram_stride", 8),
+        "context_before": sel["context_before"], "context_after": sel["context_after"],
+        "mode": sel["mode"], "alpha": sel["alpha"], "cap": sel["cap"],
+        "seed": sel["seed"], "quantile_bins": quantiles["bins"],
+        "quantile_per_bin": quantiles["per_bin"], "batch_size": act["batch_size"],
+        "device": device, "dtype": act["dtype"], "store_dtype": act["store_dtype"],
+        "histogram_stride": act["histogram_stride"],
     }
     return CacheSettings(**{f.name: values[f.name] for f in fields(CacheSettings) if f.name in values})
 
@@ -110,8 +110,8 @@ def calibrate(config: dict[str, Any], model_dir: Path, windows: list[list[int]],
     from .storage import write_parquet
 
     layers = sorted(config["layers"])
-    mode = config["selection"].get("mode", "top_k")
-    batch = config["activations"].get("batch_size", 16)
+    mode = config["selection"]["mode"]
+    batch = config["activations"]["batch_size"]
     batch = 16 if batch == "auto" else int(batch)
     sizes = [min(len(windows), batch), min(len(windows), 4 * batch)]
     n_prefix = 1 if has_bos else 0
@@ -147,26 +147,27 @@ def calibrate(config: dict[str, Any], model_dir: Path, windows: list[list[int]],
 
 
 def estimate(config: dict[str, Any], device: str | None = None, budget_s: float = 60.0) -> dict[str, Any]:
-    from .checks import check_config, model_entries
+    from .checks import check_config, fill_defaults, model_entries
     from .models import MANIFEST, ModelSource, describe, load_prepared, pick_device, prepare_model
 
+    config = fill_defaults(config, SCHEMA)
     check_config(config)
     reference = model_entries(config)[0]  # with `models`, the first; the others cost about as much each
     config = {**config, "model": {k: v for k, v in reference.items() if k not in ("name", "layers")},
               "layers": reference["layers"]}
     run_dir = Path("results") / config["run"]
     act = config["activations"]
-    device = str(pick_device(device or act.get("device", "auto")))
+    device = str(pick_device(device or act["device"]))
     with tempfile.TemporaryDirectory(prefix="neuron-embeddings-estimate-") as tmp:
         work = Path(tmp)
         model_dir = run_dir / "model"
         if not (model_dir / MANIFEST).is_file():  # not prepared yet: prepare a temporary copy, as the workflow would
             model_dir = work / "model"
             prepare_model(ModelSource.from_config(config["model"]), model_dir)
-        model, tokenizer, info = load_prepared(model_dir, config["model"].get("trust_remote_code", False))
+        model, tokenizer, info = load_prepared(model_dir, config["model"]["trust_remote_code"])
         n_params = sum(p.numel() for p in model.parameters())
         del model
-        batch = act.get("batch_size", 16)
+        batch = act["batch_size"]
         keep = 4 * (16 if batch == "auto" else int(batch))
         docs, tokens, exact, sample, has_bos = count_corpus(config, tokenizer, budget_s, keep)
         if not sample:
@@ -180,11 +181,11 @@ def estimate(config: dict[str, Any], device: str | None = None, budget_s: float 
 def stages(config: dict[str, Any], info: dict[str, Any], n_params: int, tokens: int, fits: dict[str, Any]) -> list[Stage]:
     sel, act, corpus = config["selection"], config["activations"], config["corpus"]
     layers, shards = len(config["layers"]), corpus["n_shards"]
-    gpus = max(int(act.get("gpus", 1)), 1)
+    gpus = max(int(act["gpus"]), 1)
     k = selection_k(sel)
     n, d, p = info["n_neurons"], info["d_model"], info["n_projections"]
-    context = sel.get("context_before", 20) + sel.get("context_after", 10) + 1
-    store = 2 if act.get("store_dtype", "float32") == "float16" else 4
+    context = sel["context_before"] + sel["context_after"] + 1
+    store = 2 if act["store_dtype"] == "float16" else 4
     per_shard = -(-tokens // shards)
     rows = n * k  # (neuron, example) rows per layer, at most
 
@@ -200,7 +201,7 @@ def stages(config: dict[str, Any], info: dict[str, Any], n_params: int, tokens: 
         Stage("prepare_model", 1, "local", disk_bytes=n_params * 4, note="fp32 safetensors; runs where the hub is"),
         Stage("tokenize_corpus", 1, "CPU", tokens, tokens * 4 + 64 * tokens // max(corpus["window_tokens"], 1)),
     ]
-    if sel.get("mode", "top_k") == "threshold":
+    if sel["mode"] == "threshold":
         out.append(Stage("activation_stats", shards, "GPU", tokens, shards * layers * n * (3 * 8 + 40 * 8),
                          job_hours(fits.get("stats")), "pass 1: each neuron's max"))
         out.append(Stage("merge_stats", layers, "CPU", 0, layers * n * (3 * 8 + 40 * 8)))
@@ -237,7 +238,7 @@ def render(result: dict[str, Any]) -> str:
             f"calibration ({name} pass, {result['device']}, {fit['calibration_tokens']} tokens): "
             f"{fit['tokens_per_s']:,.0f} tokens/s, {fit['startup_s']:.1f} s start-up per job"
         )
-    if result["device"] == "cpu" and int(result["config"]["activations"].get("gpus", 1)) > 0:
+    if result["device"] == "cpu" and int(result["config"]["activations"]["gpus"]) > 0:
         lines.append("note: calibrated on the CPU; GPU jobs will be faster (run this on a GPU node for GPU-hours)")
     lines.append("")
     lines.append(f"{'stage':<24} {'jobs':>5} {'where':<6} {'tokens':>12} {'disk (est.)':>15} {'hours':>9}")
@@ -259,7 +260,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
-    from .checks import validate_config
+    from .checks import fill_defaults
 
     try:
         config = yaml.safe_load(Path(path).read_text())
@@ -267,13 +268,10 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         raise PipelineError(f"{path}: cannot read the config ({exc})") from None
     if not isinstance(config, dict):
         raise PipelineError(f"{path}: not a YAML mapping")
-    if SCHEMA.is_file():
-        try:
-            validate_config(config, SCHEMA)
-        except PipelineError as exc:
-            raise PipelineError(f"{Path(path).name}: {exc}") from None
-    config.setdefault("activations", {})
-    return config
+    try:
+        return fill_defaults(config, SCHEMA)
+    except PipelineError as exc:
+        raise PipelineError(f"{Path(path).name}: {exc}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

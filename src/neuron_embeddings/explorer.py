@@ -32,11 +32,11 @@ import numpy as np
 import pyarrow as pa
 
 from . import __version__, schemas
-from .importance import display_order, read_columns
 from .figures import finite
 from .metrics import live, pick_neurons, summarize_layer
 from .storage import load_tensors, parquet_provenance, read_parquet
 from .sweep import sweep_curve
+from .tables import display_order, read_columns
 
 ASSETS = Path(__file__).parent / "explorer_assets"
 ASSET_FILES = ("index.html", "explorer.js", "explorer.css")

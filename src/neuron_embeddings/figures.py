@@ -10,11 +10,7 @@ from typing import Any
 
 import numpy as np
 
-
-def finite(values: Any) -> np.ndarray:
-    """The finite values, as float64 (None, NaN and inf dropped)."""
-    array = np.array([np.nan if v is None else v for v in np.asarray(values, dtype=object).ravel()], dtype=np.float64)
-    return array[np.isfinite(array)]
+from .metrics import finite
 
 
 def bin_edges(values: np.ndarray, bins: int = 30, integer: bool = False) -> np.ndarray:

@@ -37,6 +37,7 @@ from .errors import PipelineError
 from .metrics import pick_neurons
 from .models import DTYPES, load_prepared, pick_device
 from .storage import check_schema, parquet_provenance, provenance, read_parquet, write_parquet
+from .tables import display_order, read_columns
 
 log = logging.getLogger(__name__)
 
@@ -49,29 +50,6 @@ class ImportanceSettings:
     batch_size: int = 64  # masked variants per forward pass
     device: str = "auto"
     dtype: str = "float32"
-
-
-def read_columns(path: str | os.PathLike, expected: pa.Schema, columns: list[str]) -> pa.Table:
-    """Some columns of a pipeline table (the embeddings' embedding column is large), schema-checked."""
-    check_schema(pq.read_schema(path), expected, path)
-    return pq.read_table(path, columns=columns)
-
-
-def display_order(clusters: pa.Table) -> list[np.ndarray]:
-    """Per (neuron, cluster) in order, the clusters table's row numbers as shown: central first, then by rank.
-
-    The clusters table is sorted by neuron then example_rank, and clusters are numbered largest first. A dead
-    unit's examples (cluster -1: no clusters) are not shown.
-    """
-    neuron = clusters.column("neuron").to_numpy()
-    cluster = clusters.column("cluster").to_numpy()
-    rank = clusters.column("example_rank").to_numpy()
-    central = clusters.column("is_central").to_numpy(zero_copy_only=False)
-    order = np.lexsort((rank, ~central, cluster, neuron))
-    order = order[cluster[order] >= 0]
-    key = neuron[order].astype(np.int64) * (int(cluster.max(initial=0)) + 1) + cluster[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
-    return np.split(order, starts[1:]) if len(key) else []
 
 
 def shown_rows(

@@ -30,10 +30,16 @@ import pyarrow as pa
 
 from . import schemas
 from .clustering import NO_CLUSTER, cluster_labels, cosine_similarity_matrix, neuron_groups
-from .embeddings import load_layer, store_rows
 from .storage import load_tensors, parquet_provenance, provenance, read_parquet, write_parquet
+from .tables import read_embeddings, store_rows
 
 STATUSES = ("live", "few_examples", "dead")
+
+
+def finite(values: Any) -> np.ndarray:
+    """The finite values, as float64 (None, NaN and inf dropped)."""
+    array = np.array([np.nan if v is None else v for v in np.asarray(values, dtype=object).ravel()], dtype=np.float64)
+    return array[np.isfinite(array)]
 
 
 def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
@@ -122,7 +128,7 @@ def layer_metrics(
     seed: int,
 ) -> dict[str, Any]:
     """One row per unit of the layer (every neuron, or every latent of an SAE), with its status and baselines."""
-    table, emb = load_layer(embeddings_path)
+    table, emb = read_embeddings(embeddings_path)
     clusters = read_parquet(clusters_path, schemas.CLUSTERS)
     settings = parquet_provenance(clusters_path).get("settings") or {}
     threshold, method = float(settings["threshold"]), str(settings["method"])
@@ -204,8 +210,8 @@ def pick_neurons(metrics: pa.Table, count: int) -> tuple[list[int], list[int]]:
 
 
 def _median(values: list[Any]) -> float | None:
-    finite = [float(v) for v in values if v is not None and np.isfinite(v)]
-    return float(np.median(finite)) if finite else None
+    kept = finite(values)
+    return float(np.median(kept)) if kept.size else None
 
 
 def summarize_layer(metrics: pa.Table) -> dict[str, Any]:
@@ -248,3 +254,19 @@ def run_summary(metrics_paths: dict[int, str | os.PathLike]) -> dict[str, Any]:
         table = read_parquet(path, schemas.METRICS)
         layers[str(layer)] = {**summarize_layer(table), "clustering": parquet_provenance(path).get("clustering")}
     return {"layers": layers}
+
+
+def interval(values: np.ndarray, statistic: Any, resamples: int, seed: int) -> dict[str, float | None]:
+    """The statistic and its 95% percentile-bootstrap interval; the value itself as both ends when there is too
+    little data (fewer than two values, or no spread) to resample."""
+    from scipy.stats import bootstrap
+
+    values = finite(values)
+    if not values.size:
+        return {"value": None, "low": None, "high": None}
+    value = float(statistic(values))
+    if values.size < 2 or resamples < 1 or np.all(values == values[0]):
+        return {"value": value, "low": value, "high": value}
+    result = bootstrap((values,), statistic, n_resamples=resamples, method="percentile", vectorized=False,
+                       random_state=np.random.default_rng(seed), confidence_level=0.95)
+    return {"value": value, "low": float(result.confidence_interval.low), "high": float(result.confidence_interval.high)}

@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 
 from . import schemas
-from .embeddings import store_rows
 from .errors import PipelineError
 from .storage import load_tensors, parquet_provenance, provenance, read_parquet, write_parquet
+from .tables import store_rows
 
 BACKENDS = ("faiss", "sklearn")
 

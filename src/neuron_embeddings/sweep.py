@@ -21,11 +21,11 @@ import pyarrow.compute as pc
 
 from . import schemas
 from .clustering import METHODS, cluster_labels, cosine_similarity_matrix, is_zero, neuron_groups, zero_norm_scale
-from .embeddings import load_layer
 from .errors import PipelineError
 from .figures import hist
 from .metrics import live
 from .storage import atomic_path, parquet_provenance, provenance, read_parquet, write_parquet
+from .tables import read_embeddings
 
 
 def threshold_sweep(
@@ -34,7 +34,7 @@ def threshold_sweep(
     if method not in METHODS:
         raise PipelineError(f"clustering.method: '{method}' is not one of {', '.join(METHODS)}")
     thresholds = sorted(float(t) for t in thresholds)
-    table, emb = load_layer(embeddings_path)
+    table, emb = read_embeddings(embeddings_path)
     scale = zero_norm_scale(emb)
     neurons, counts = [], []
     for neuron, start, stop in neuron_groups(table.column("neuron").to_numpy()):

@@ -25,17 +25,16 @@ and the error in features per neuron (clusters minus true features).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from .errors import PipelineError
+from .tables import selected_entries
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +157,7 @@ def select_examples(tensors: dict[str, np.ndarray], pool: np.ndarray, probe: Pro
     selected_entries' arrays plus `embedding` and `f`; only entries where the neuron fires."""
     import torch
 
-    from .embeddings import check_invariant, selected_entries
+    from .embeddings import check_invariant
     from .topk import ThresholdAccumulator
 
     W_in = tensors["W_in"]
@@ -257,7 +256,7 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def summarise_toys(scores_paths: list[str | os.PathLike], out_table: str | os.PathLike, out_choice: str | os.PathLike,
+def summarize_toys(scores_paths: list[str | os.PathLike], out_table: str | os.PathLike, out_choice: str | os.PathLike,
                    out_png: str | os.PathLike) -> dict[str, Any]:
     """Choose the clustering method and threshold that recover the true features best over every toy model
     (highest mean ARI over neurons with at least two examples; ties, within 0.005, to the smaller mean absolute
@@ -350,49 +349,3 @@ def _plot_toys(candidates, per_sparsity, choice, out_png) -> None:
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-
-
-def write_toy_report(choice_path: str | os.PathLike, png_path: str | os.PathLike, out_path: str | os.PathLike,
-                     settings: dict[str, Any]) -> dict[str, Any]:
-    """A one-page HTML report of the toy validation: the choice, the recovery table, the plots."""
-    import base64
-
-    from .report import CSS, esc, fmt
-    from .storage import atomic_path
-
-    data = json.loads(Path(choice_path).read_text())
-    choice = data["choice"]
-    body = [
-        "<h1>Neuron embeddings on toy models with known features</h1>",
-        f'<p class="muted">Models: {esc(json.dumps(settings.get("model", {})))}; probe: '
-        f'{esc(json.dumps(settings.get("probe", {})))}; inputs {esc(settings.get("input_dims"))}, sparsities '
-        f'{esc(settings.get("sparsities"))}, seeds {esc(settings.get("seeds"))}.</p>',
-        f"<h2>Chosen clustering</h2><p><b>{esc(choice['method'])}</b> at cosine-similarity threshold "
-        f"<b>{fmt(choice['threshold'], 2)}</b>: mean ARI {fmt(choice['mean_ari'])}, mean |clusters - true features| "
-        f"{fmt(choice['mean_abs_error'])}, polysemantic-or-not agreement {fmt(choice['polysemantic_agreement'])} over "
-        f"{choice['neurons']} neurons. Rule: {esc(data['rule'])}.</p>",
-        f'<img alt="toy recovery" src="data:image/png;base64,{base64.b64encode(Path(png_path).read_bytes()).decode()}">',
-        "<h2>Recovery against sparsity</h2><p class=\"muted\">input 0: the neurons read the features themselves "
-        "(x = f); input d: they read x = E f, features as directions of a d-dimensional space.</p>"
-        "<table><tr><th>input</th><th>sparsity</th><th>models</th><th>neurons</th>"
-        "<th>true features / neuron</th><th>clusters / neuron</th><th>polysemantic (true)</th>"
-        "<th>polysemantic (measured)</th><th>ARI</th><th>|error|</th><th>error</th></tr>",
-    ]
-    for r in data["by_sparsity"]:
-        body.append(
-            f"<tr><td>{r['input_dim']}</td><td>{fmt(r['sparsity'], 2)}</td><td>{r['models']}</td><td>{r['neurons']}</td>"
-            f"<td>{fmt(r['true_features_per_neuron'], 2)}</td><td>{fmt(r['clusters_per_neuron'], 2)}</td>"
-            f"<td>{fmt(r['polysemantic_true'], 2)}</td><td>{fmt(r['polysemantic_measured'], 2)}</td>"
-            f"<td>{fmt(r['mean_ari'])}</td><td>{fmt(r['mean_abs_error'], 2)}</td><td>{fmt(r['mean_error'], 2)}</td></tr>"
-        )
-    body.append("</table><h2>Every clustering tried</h2><table><tr><th class=\"l\">method</th><th>threshold</th>"
-                "<th>mean ARI</th><th>mean |error|</th><th>polysemantic agreement</th><th>neurons</th></tr>")
-    for c in data["candidates"]:
-        body.append(f'<tr><td class="l">{esc(c["method"])}</td><td>{fmt(c["threshold"], 2)}</td><td>{fmt(c["mean_ari"])}</td>'
-                    f"<td>{fmt(c['mean_abs_error'], 2)}</td><td>{fmt(c['polysemantic_agreement'])}</td><td>{c['neurons']}</td></tr>")
-    body.append("</table>")
-    page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Toy models: neuron embeddings</title>"
-            f"<style>{CSS}</style></head><body>" + "\n".join(body) + "</body></html>\n")
-    with atomic_path(out_path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-    return {"bytes": len(page)}

@@ -8,21 +8,21 @@ rule token_importance:
         clusters=f"{RUN}/clusters/layer-{{layer}}.parquet",
         metrics=f"{RUN}/metrics/layer-{{layer}}.parquet",
     output:
-        f"{RUN}/importance/layer-{{layer}}.parquet",
-    params:
-        settings=importance_settings(),
-        trust_remote_code=config["model"].get("trust_remote_code", False),
-        code=code_version("importance"),
-    threads: config["activations"].get("threads", 2)
-    resources:
-        gpu=config["activations"].get("gpus", 1),
-        mem_mb=layer_model_mem_mb,
+        importance=f"{RUN}/importance/layer-{{layer}}.parquet",
     log:
         f"{RUN}/logs/token_importance/layer-{{layer}}.log",
     benchmark:
         f"{RUN}/benchmarks/token_importance/layer-{{layer}}.tsv"
     conda:
         ENV
+    threads: config["activations"]["threads"]
+    resources:
+        gpu=config["activations"]["gpus"],
+        mem_mb=layer_model_mem_mb,
+    params:
+        settings=importance_settings(),
+        trust_remote_code=config["model"]["trust_remote_code"],
+        code=script_code("../scripts/token_importance.py"),
     script:
         "../scripts/token_importance.py"
 
@@ -32,38 +32,38 @@ rule similar_features:
         selection=f"{RUN}/selection/layer-{{layer}}.safetensors",
         clusters=f"{RUN}/clusters/layer-{{layer}}.parquet",
     output:
-        f"{RUN}/similar/layer-{{layer}}.parquet",
-    params:
-        top_k=ANALYSES["similar"].get("top_k", 20),
-        min_similarity=ANALYSES["similar"].get("min_similarity", 0.5),
-        backend=ANALYSES["similar"].get("backend", "faiss"),
-        code=code_version("similar", "embeddings", "schemas", "storage"),
-    threads: 2
+        similar=f"{RUN}/similar/layer-{{layer}}.parquet",
     log:
         f"{RUN}/logs/similar_features/layer-{{layer}}.log",
     benchmark:
         f"{RUN}/benchmarks/similar_features/layer-{{layer}}.tsv"
     conda:
         ENV
+    threads: 2
+    params:
+        top_k=ANALYSES["similar"]["top_k"],
+        min_similarity=ANALYSES["similar"]["min_similarity"],
+        backend=ANALYSES["similar"]["backend"],
+        code=script_code("../scripts/similar_features.py"),
     script:
         "../scripts/similar_features.py"
 
 
 rule threshold_sweep:
     input:
-        f"{RUN}/embeddings/layer-{{layer}}.parquet",
+        embeddings=f"{RUN}/embeddings/layer-{{layer}}.parquet",
     output:
-        f"{RUN}/sweep/layer-{{layer}}.parquet",
-    params:
-        thresholds=ANALYSES["sweep"].get("thresholds", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]),
-        method=config["clustering"]["method"],
-        code=code_version("sweep", "clustering", "embeddings", "schemas", "storage"),
+        sweep=f"{RUN}/sweep/layer-{{layer}}.parquet",
     log:
         f"{RUN}/logs/threshold_sweep/layer-{{layer}}.log",
     benchmark:
         f"{RUN}/benchmarks/threshold_sweep/layer-{{layer}}.tsv"
     conda:
         ENV
+    params:
+        thresholds=ANALYSES["sweep"]["thresholds"],
+        method=config["clustering"]["method"],
+        code=script_code("../scripts/threshold_sweep.py"),
     script:
         "../scripts/threshold_sweep.py"
 
@@ -83,14 +83,14 @@ rule analysis_figures:
             category="Layers",
         ),
         table=report(f"{RUN}/report/summary.tsv", caption="../report/summary.rst", category="Summary"),
-    params:
-        layers=LAYERS,
-        code=code_version("sweep", "schemas", "storage"),
     log:
         f"{RUN}/logs/analysis_figures.log",
     benchmark:
         f"{RUN}/benchmarks/analysis_figures.tsv"
     conda:
         ENV
+    params:
+        layers=LAYERS,
+        code=script_code("../scripts/analysis_figures.py"),
     script:
         "../scripts/analysis_figures.py"

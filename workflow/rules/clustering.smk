@@ -1,18 +1,18 @@
 rule cluster_features:
     input:
-        "results/{run}/embeddings/layer-{layer}.parquet",
+        embeddings="results/{run}/embeddings/layer-{layer}.parquet",
     output:
-        "results/{run}/clusters/layer-{layer}.parquet",
-    params:
-        method=config["clustering"]["method"],
-        threshold=lambda wildcards: threshold_for(int(wildcards.layer), config["clustering"]["threshold"]),
-        code=code_version("clustering", "embeddings", "schemas"),
+        clusters="results/{run}/clusters/layer-{layer}.parquet",
     log:
         "results/{run}/logs/cluster_features/layer-{layer}.log",
     benchmark:
         "results/{run}/benchmarks/cluster_features/layer-{layer}.tsv"
     conda:
         ENV
+    params:
+        layer=lambda wildcards: int(wildcards.layer),
+        method=config["clustering"]["method"],
+        threshold=lambda wildcards: threshold_for(int(wildcards.layer), config["clustering"]["threshold"]),
+        code=script_code("../scripts/cluster_features.py"),
     script:
         "../scripts/cluster_features.py"
-

@@ -1,7 +1,5 @@
 # What every stage shares: config validation, output paths, and the code versions that trigger reruns.
-import ast
 import glob
-import hashlib
 import json
 import os
 import re
@@ -21,6 +19,7 @@ from neuron_embeddings.checks import (
     tokenizer_key,
     validate_config,
 )
+from neuron_embeddings.codehash import code_hash
 from neuron_embeddings.errors import PipelineError
 import snakemake
 
@@ -59,7 +58,9 @@ LAYERS = MODELS[0]["layers"]
 MODEL_DIR = f"{RUN}/model"
 CORPUS_SHARDS = expand(f"{RUN}/corpus/shard-{{shard}}.parquet", shard=SHARDS)
 DOCUMENTS = f"{RUN}/corpus/documents.parquet"
-CORPUS_OF = {run: next(r for r, e in ENTRY.items() if tokenizer_key(e) == tokenizer_key(entry)) for run, entry in ENTRY.items()}
+CORPUS_OF = {
+    run: next(r for r, e in ENTRY.items() if tokenizer_key(e) == tokenizer_key(entry)) for run, entry in ENTRY.items()
+}
 CORPUS_OWNERS = "|".join(re.escape(run) for run in sorted(set(CORPUS_OF.values())))
 
 
@@ -67,7 +68,9 @@ wildcard_constraints:
     run="|".join(re.escape(run) for run in ENTRY),
 
 
-startup_checks(check_config, config, prepared_models={entry["name"]: f"results/{run}/model" for run, entry in ENTRY.items()})
+startup_checks(
+    check_config, config, prepared_models={entry["name"]: f"results/{run}/model" for run, entry in ENTRY.items()}
+)
 
 
 def model_settings(entry):
@@ -76,7 +79,7 @@ def model_settings(entry):
 
 
 def trusts_remote_code(wildcards):
-    return bool(ENTRY[wildcards.run].get("trust_remote_code", False))
+    return bool(ENTRY[wildcards.run]["trust_remote_code"])
 
 
 def corpus_shard(wildcards):
@@ -87,28 +90,10 @@ def corpus_shards(wildcards):
     return expand(f"results/{CORPUS_OF[wildcards.run]}/corpus/shard-{{shard}}.parquet", shard=SHARDS)
 
 
-def package_modules(*modules):
-    """The named package modules and every package module they import, directly or not (lazy imports too)."""
-    seen, todo = set(), list(modules)
-    while todo:
-        name = todo.pop()
-        path = SRC / f"{name}.py"
-        if name in seen or not path.is_file():
-            continue
-        seen.add(name)
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                todo += [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
-    return sorted(seen)
-
-
-def code_version(*modules):
-    """Hash of the package code behind a stage, passed as a param: editing any module it runs (or that one
-    imports) reruns that stage and what follows. Snakemake itself only sees its `script:` files change."""
-    digest = hashlib.sha256()
-    for name in package_modules(*modules):
-        digest.update(name.encode() + (SRC / f"{name}.py").read_bytes())
-    return digest.hexdigest()[:16]
+def script_code(script):
+    """Hash of a rule's script and the package modules it imports (codehash.py), passed as a param: editing a
+    module reruns exactly the stages that run it, and what follows. Comments and docstrings rerun nothing."""
+    return code_hash(Path(workflow.basedir) / "workflow" / "rules" / script, SRC)
 
 
 def corpus_files():
@@ -154,6 +139,7 @@ def all_targets():
         f"{RUN}/explorer",
         *sae_targets(),  # workflow/rules/sae.smk: SAE latents against the neurons (config key sae)
         *comparison_targets(),  # workflow/rules/comparison.smk: every model of the run side by side
+        *export_targets(RUN, LAYERS, config["export"]),  # workflow/rules/export.smk: other tools' formats
     ]
 
 
@@ -164,27 +150,27 @@ def comparison_targets():
 
 
 SELECTION = config["selection"]
-SELECTION_MODE = SELECTION.get("mode", "top_k")
+SELECTION_MODE = SELECTION["mode"]
 
 
 def cache_selection_params():
     """Only the selection settings the active mode uses, so changing another mode's keys reruns nothing."""
     common = {
         "mode": SELECTION_MODE,
-        "sign": SELECTION.get("sign", "auto"),
-        "context_before": SELECTION.get("context_before", 20),
-        "context_after": SELECTION.get("context_after", 10),
+        "sign": SELECTION["sign"],
+        "context_before": SELECTION["context_before"],
+        "context_after": SELECTION["context_after"],
     }
     if SELECTION_MODE == "top_k":
         return {**common, "top_k": SELECTION["top_k"]}
-    quantiles = SELECTION.get("quantiles") or {}
+    quantiles = SELECTION["quantiles"]
     return {
         **common,
-        "alpha": SELECTION.get("alpha", 0.75),
-        "cap": SELECTION.get("cap", 200),
-        "seed": SELECTION.get("seed", 0),
-        "quantile_bins": quantiles.get("bins", 0),
-        "quantile_per_bin": quantiles.get("per_bin", 0),
+        "alpha": SELECTION["alpha"],
+        "cap": SELECTION["cap"],
+        "seed": SELECTION["seed"],
+        "quantile_bins": quantiles["bins"],
+        "quantile_per_bin": quantiles["per_bin"],
     }
 
 
@@ -194,25 +180,29 @@ def sae_selection_params():
 
 
 def selection_k():
-    return SELECTION["top_k"] if SELECTION_MODE == "top_k" else SELECTION.get("cap", 200)
+    return SELECTION["top_k"] if SELECTION_MODE == "top_k" else SELECTION["cap"]
 
 
 def compute_params():
     act = config["activations"]
     return {
-        "batch_size": act.get("batch_size", 16),
-        "device": act.get("device", "auto"),
-        "dtype": act.get("dtype", "float32"),
-        "store_dtype": act.get("store_dtype", "float32"),
-        "histogram_stride": act.get("histogram_stride", 8),
+        "batch_size": act["batch_size"],
+        "device": act["device"],
+        "dtype": act["dtype"],
+        "store_dtype": act["store_dtype"],
+        "histogram_stride": act["histogram_stride"],
     }
 
 
 def metric_settings():
     """What the metrics stage needs beyond its inputs (the clustering's own settings travel in its Parquet)."""
     stability = config["metrics"]["stability"]
-    return {"min_examples": config["metrics"]["min_examples"], "resamples": stability["resamples"],
-            "fraction": stability["fraction"], "seed": stability["seed"]}
+    return {
+        "min_examples": config["metrics"]["min_examples"],
+        "resamples": stability["resamples"],
+        "fraction": stability["fraction"],
+        "seed": stability["seed"],
+    }
 
 
 # The analyses and the explorer (workflow/rules/analyses.smk, explorer.smk).
@@ -224,21 +214,13 @@ def importance_settings():
     """What token importance computes, and where: only the examples the explorer shows."""
     imp = ANALYSES["importance"]
     return {
-        "neurons": imp.get("neurons", 2),
-        "examples_per_cluster": imp.get("examples_per_cluster", 1),
-        "max_clusters": EXPLORER.get("max_clusters", 30),
-        "batch_size": imp.get("batch_size", 64),
-        "device": config["activations"].get("device", "auto"),
-        "dtype": config["activations"].get("dtype", "float32"),
+        "neurons": imp["neurons"],
+        "examples_per_cluster": imp["examples_per_cluster"],
+        "max_clusters": EXPLORER["max_clusters"],
+        "batch_size": imp["batch_size"],
+        "device": config["activations"]["device"],
+        "dtype": config["activations"]["dtype"],
     }
-
-
-def asset_version():
-    """Hash of the explorer's page files (HTML, JS, CSS): editing one rebuilds the explorer."""
-    digest = hashlib.sha256()
-    for path in sorted((SRC / "explorer_assets").iterdir()):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 # Cache groups: the layers that one forward pass per shard serves, named by their layers (layers-2-10). A
@@ -262,7 +244,9 @@ def _assign_cache_groups(run_dir, layers):
     }
 
     def completeness(group, layer):  # caches of this layer, then shards, the group already has
-        files = sum(len(glob.glob(f"{run_dir}/{tree}/{group}/shard-*/layer-{layer}.safetensors")) for tree in CACHE_TREES)
+        files = sum(
+            len(glob.glob(f"{run_dir}/{tree}/{group}/shard-*/layer-{layer}.safetensors")) for tree in CACHE_TREES
+        )
         shards = sum(len(glob.glob(f"{run_dir}/{tree}/{group}/shard-*")) for tree in CACHE_TREES)
         return files, shards
 
@@ -317,14 +301,11 @@ def group_stats(wildcards):
     return [f"results/{wildcards.run}/stats/layer-{layer}.safetensors" for layer in group_layers(wildcards.group)]
 
 
-# SAE latents as units (workflow/rules/sae.smk; config key sae). units.py is light: no torch at parse time.
-import os
-import re
-
-from neuron_embeddings.units import check_sae_config, sae_specs
+# SAE latents as units (workflow/rules/sae.smk; config key sae). sae/config.py is light: no torch at parse time.
+from neuron_embeddings.sae.config import check_sae_config, sae_specs
 
 startup_checks(check_sae_config, config)
-SAE = config.get("sae") or {}
+SAE = config["sae"]
 SAES = sae_specs(config)
 SAE_NAMES = list(SAES)
 SAE_DIR = f"{RUN}/sae"
@@ -336,10 +317,6 @@ def sae_names_regex(kind):
     return "|".join(names) if names else "(?!)"
 
 
-def sae_files(name):
-    return [f"{SAE_DIR}/{name}/cfg.json", f"{SAE_DIR}/{name}/sae_weights.safetensors"]
-
-
 def sae_layer(wildcards):
     return SAES[wildcards.sae]["layer"]
 
@@ -349,17 +326,24 @@ def sae_targets():
     return [
         path
         for name in SAE_NAMES
-        for path in (f"{SAE_DIR}/{name}/quality.json", f"{SAE_DIR}/{name}/comparison.json", f"{RUN}/report/sae-{name}.png")
+        for path in (
+            f"{SAE_DIR}/{name}/quality.json",
+            f"{SAE_DIR}/{name}/comparison.json",
+            f"{RUN}/report/sae-{name}.png",
+        )
     ]
 
 
 def sae_report_inputs():
     """The report's SAE section: per SAE its comparison JSON, then its plot."""
-    return [path for name in SAE_NAMES for path in (f"{SAE_DIR}/{name}/comparison.json", f"{RUN}/report/sae-{name}.png")]
+    return [
+        path for name in SAE_NAMES for path in (f"{SAE_DIR}/{name}/comparison.json", f"{RUN}/report/sae-{name}.png")
+    ]
 
 
 def sae_training_settings(wildcards):
-    return {**SAES[wildcards.sae]["train"], "eval_tokens": SAE.get("eval_tokens", 2048)}
+    """Every setting of training.TrainSettings (sae_specs: the entry's, sae.training's and eval_tokens)."""
+    return SAES[wildcards.sae]["train"]
 
 
 # Memory each job declares (mem_mb, and gpu_mem_mb for the GPU rules), from the prepared model's manifest: so a
@@ -376,7 +360,7 @@ def _prepared_shape(input):
 
 
 def _batch_tokens():
-    batch = config["activations"].get("batch_size", 16)
+    batch = config["activations"]["batch_size"]
     return (16 if batch == "auto" else int(batch)) * config["corpus"]["window_tokens"]
 
 
@@ -391,23 +375,28 @@ def _shard_tokens(input):
 
 
 def _examples_per_neuron():
-    quantiles = SELECTION.get("quantiles") or {}
-    return selection_k() + quantiles.get("bins", 0) * quantiles.get("per_bin", 0)
+    quantiles = SELECTION["quantiles"]
+    return selection_k() + quantiles["bins"] * quantiles["per_bin"]
 
 
 def caching_mem_mb(wildcards, input, attempt):
     layers = group_layers(wildcards.group)
     return attempt * memory.caching_mb(
-        _prepared_shape(input), deepest_layer=max(layers), cached_layers=len(layers),
-        examples=_examples_per_neuron(), batch_tokens=_batch_tokens(), shard_tokens=_shard_tokens(input),
-        store_dtype=config["activations"].get("store_dtype", "float32"),
+        _prepared_shape(input),
+        deepest_layer=max(layers),
+        cached_layers=len(layers),
+        examples=_examples_per_neuron(),
+        batch_tokens=_batch_tokens(),
+        shard_tokens=_shard_tokens(input),
+        store_dtype=config["activations"]["store_dtype"],
     )
 
 
 def caching_gpu_mem_mb(wildcards, input):
     layers = group_layers(wildcards.group)
-    return memory.gpu_mb(_prepared_shape(input), max(layers), config["activations"].get("dtype", "float32"),
-                         _batch_tokens(), len(layers))
+    return memory.gpu_mb(
+        _prepared_shape(input), max(layers), config["activations"]["dtype"], _batch_tokens(), len(layers)
+    )
 
 
 def embedding_mem_mb(wildcards, input, attempt):
@@ -425,10 +414,14 @@ def _deepest_layer(wildcards):
 def layer_model_mem_mb(wildcards, input, attempt):
     """A job that runs the model up to one layer (token importance, SAE training and caching)."""
     layer = _deepest_layer(wildcards)
-    cap = config["corpus"].get("max_tokens")
+    cap = config["corpus"]["max_tokens"]
     return attempt * memory.caching_mb(
-        _prepared_shape(input), deepest_layer=layer, cached_layers=1, examples=_examples_per_neuron(),
-        batch_tokens=_batch_tokens(), shard_tokens=int(cap) if cap else None,
+        _prepared_shape(input),
+        deepest_layer=layer,
+        cached_layers=1,
+        examples=_examples_per_neuron(),
+        batch_tokens=_batch_tokens(),
+        shard_tokens=int(cap) if cap else None,
     )
 
 

@@ -1,7 +1,4 @@
 rule tokenize_corpus:
-    # One corpus per tokenizer: models that tokenize alike (checks.tokenizer_key) read the first one's shards.
-    wildcard_constraints:
-        run=CORPUS_OWNERS,
     input:
         model="results/{run}/model",
         corpus=corpus_files(),
@@ -9,15 +6,18 @@ rule tokenize_corpus:
         documents="results/{run}/corpus/documents.parquet",
         shards=expand("results/{run}/corpus/shard-{shard}.parquet", shard=SHARDS, allow_missing=True),
         summary="results/{run}/corpus/summary.json",
-    params:
-        corpus=config["corpus"],
-        shard_names=SHARDS,
-        code=code_version("corpus", "schemas", "storage"),
     log:
         "results/{run}/logs/tokenize_corpus.log",
     benchmark:
         "results/{run}/benchmarks/tokenize_corpus.tsv"
+    # One corpus per tokenizer: models that tokenize alike (checks.tokenizer_key) read the first one's shards.
+    wildcard_constraints:
+        run=CORPUS_OWNERS,
     conda:
         ENV
+    params:
+        corpus=config["corpus"],
+        shard_names=SHARDS,
+        code=script_code("../scripts/tokenize_corpus.py"),
     script:
         "../scripts/tokenize_corpus.py"

@@ -4,17 +4,17 @@ rule embed_neurons:
         model="results/{run}/model",
         corpus=corpus_shards,
     output:
-        "results/{run}/embeddings/layer-{layer}.parquet",
-    params:
-        trust_remote_code=trusts_remote_code,
-        code=code_version("embeddings", "adapters", "models", "schemas", "storage"),
-    resources:
-        mem_mb=embedding_mem_mb,
+        embeddings="results/{run}/embeddings/layer-{layer}.parquet",
     log:
         "results/{run}/logs/embed_neurons/layer-{layer}.log",
     benchmark:
         "results/{run}/benchmarks/embed_neurons/layer-{layer}.tsv"
     conda:
         ENV
+    resources:
+        mem_mb=embedding_mem_mb,
+    params:
+        trust_remote_code=trusts_remote_code,
+        code=script_code("../scripts/embed_neurons.py"),
     script:
         "../scripts/embed_neurons.py"

@@ -11,19 +11,18 @@ rule explorer:
         documents=DOCUMENTS,
         comparison=comparison_targets()[:1],  # the other models at each layer, when the run has several
     output:
-        directory(f"{RUN}/explorer"),
-    params:
-        run=config["run"],
-        layers=LAYERS,
-        settings={k: v for k, v in EXPLORER.items()},
-        importance=importance_settings(),
-        code=code_version("explorer"),
-        assets=asset_version(),
+        site=directory(f"{RUN}/explorer"),
     log:
         f"{RUN}/logs/explorer.log",
     benchmark:
         f"{RUN}/benchmarks/explorer.tsv"
     conda:
         ENV
+    params:
+        run=config["run"],
+        layers=LAYERS,
+        settings={k: v for k, v in EXPLORER.items()},
+        importance=importance_settings(),
+        code=script_code("../scripts/explorer.py"),
     script:
         "../scripts/explorer.py"

@@ -4,16 +4,16 @@ rule select_examples:
         caches=lambda wildcards: layer_caches("activations", wildcards.run, wildcards.layer),
         corpus=corpus_shards,  # repeated context windows count once per neuron
     output:
-        "results/{run}/selection/layer-{layer}.safetensors",
-    params:
-        selection=cache_selection_params(),
-        k=selection_k(),
-        code=code_version("selection", "topk", "storage"),
+        selection="results/{run}/selection/layer-{layer}.safetensors",
     log:
         "results/{run}/logs/select_examples/layer-{layer}.log",
     benchmark:
         "results/{run}/benchmarks/select_examples/layer-{layer}.tsv"
     conda:
         ENV
+    params:
+        selection=cache_selection_params(),
+        k=selection_k(),
+        code=script_code("../scripts/select_examples.py"),
     script:
         "../scripts/select_examples.py"

@@ -13,55 +13,55 @@ rule train_toy:
     output:
         model=f"{TOY_RUN}/models/input-{{input}}/sparsity-{{sparsity}}/seed-{{seed}}.safetensors",
         scores=f"{TOY_RUN}/scores/input-{{input}}/sparsity-{{sparsity}}/seed-{{seed}}.parquet",
-    params:
-        model=config["model"],
-        probe=config["probe"],
-        clustering=config["clustering"],
-        code=toy_code_version("toy"),
-    threads: 1
     log:
         f"{TOY_RUN}/logs/train_toy/input-{{input}}/sparsity-{{sparsity}}/seed-{{seed}}.log",
     benchmark:
         f"{TOY_RUN}/benchmarks/train_toy/input-{{input}}/sparsity-{{sparsity}}/seed-{{seed}}.tsv"
     conda:
         TOY_ENV
+    threads: 1
+    params:
+        model=config["model"],
+        probe=config["probe"],
+        clustering=config["clustering"],
+        code=script_code("../scripts/train_toy.py"),
     script:
         "../scripts/train_toy.py"
 
 
-rule summarise_toys:
+rule summarize_toys:
     input:
-        toy_scores(),
+        scores=toy_scores(),
     output:
         table=f"{TOY_RUN}/recovery.parquet",
         choice=f"{TOY_RUN}/choice.json",
         png=report(f"{TOY_RUN}/report/recovery.png", caption="../report/toy.rst", category="Toy models"),
-    params:
-        code=toy_code_version("toy"),
     log:
-        f"{TOY_RUN}/logs/summarise_toys.log",
+        f"{TOY_RUN}/logs/summarize_toys.log",
     benchmark:
-        f"{TOY_RUN}/benchmarks/summarise_toys.tsv"
+        f"{TOY_RUN}/benchmarks/summarize_toys.tsv"
     conda:
         TOY_ENV
+    params:
+        code=script_code("../scripts/summarize_toys.py"),
     script:
-        "../scripts/summarise_toys.py"
+        "../scripts/summarize_toys.py"
 
 
 rule toy_report:
     input:
-        choice=rules.summarise_toys.output.choice,
-        png=rules.summarise_toys.output.png,
+        choice=rules.summarize_toys.output.choice,
+        png=rules.summarize_toys.output.png,
     output:
         f"{TOY_RUN}/report/index.html",
-    params:
-        settings={k: config[k] for k in ("model", "probe", "input_dims", "sparsities", "seeds", "clustering")},
-        code=toy_code_version("toy", "report"),
     log:
         f"{TOY_RUN}/logs/toy_report.log",
     benchmark:
         f"{TOY_RUN}/benchmarks/toy_report.tsv"
     conda:
         TOY_ENV
+    params:
+        settings={k: config[k] for k in ("model", "probe", "input_dims", "sparsities", "seeds", "clustering")},
+        code=script_code("../scripts/toy_report.py"),
     script:
         "../scripts/toy_report.py"

@@ -1,14 +1,14 @@
 # What the toy workflow's rules share: config validation, the grid, and the code versions that trigger reruns.
-import ast
-import hashlib
+import sys
 from pathlib import Path
 
 from snakemake.utils import validate
 
-
 validate(config, schema="../schemas/toy.schema.yaml")
 
-TOY_SRC = Path(workflow.basedir).parent / "src" / "neuron_embeddings"
+sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
+from neuron_embeddings.codehash import code_hash
+
 TOY_RUN = f"results/{config['run']}"
 TOY_ENV = "../../envs/pipeline.yaml"
 TOY_GRID = [
@@ -19,21 +19,11 @@ TOY_GRID = [
 ]
 
 
-def toy_code_version(*modules):
-    """Hash of the package modules behind a stage and every package module they import; editing one reruns it."""
-    seen, todo, digest = set(), list(modules), hashlib.sha256()
-    while todo:
-        name = todo.pop()
-        path = TOY_SRC / f"{name}.py"
-        if name in seen or not path.is_file():
-            continue
-        seen.add(name)
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                todo += [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
-    for name in sorted(seen):
-        digest.update(name.encode() + (TOY_SRC / f"{name}.py").read_bytes())
-    return digest.hexdigest()[:16]
+def script_code(script):
+    """Hash of a rule's script and the package modules it imports (codehash.py): editing one reruns the stage."""
+    return code_hash(
+        Path(workflow.basedir) / "rules" / script, Path(workflow.basedir).parent / "src" / "neuron_embeddings"
+    )
 
 
 def toy_scores():

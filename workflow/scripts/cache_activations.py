@@ -16,7 +16,7 @@ run_stage(
         snakemake.input.model,
         snakemake.input.shard,
         layers,
-        {layer: f"{snakemake.output[0]}/layer-{layer}.safetensors" for layer in layers},
+        {layer: f"{snakemake.output.caches}/layer-{layer}.safetensors" for layer in layers},
         settings,
         shard=snakemake.wildcards.shard,
         trust_remote_code=snakemake.params.trust_remote_code,

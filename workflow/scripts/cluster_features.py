@@ -1,9 +1,12 @@
 from neuron_embeddings.clustering import cluster_layer
 from neuron_embeddings.runner import run_stage
 
-layer = int(snakemake.wildcards.layer)
+# Also the SAE latents' clustering (sae.smk: use rule cluster_features as cluster_sae_latents).
+layer = snakemake.params.layer
 run_stage(
-    f"cluster_features layer {layer}",
-    lambda: cluster_layer(snakemake.input[0], snakemake.output[0], layer, snakemake.params.threshold, snakemake.params.method),
+    f"{snakemake.rule} layer {layer}",
+    lambda: cluster_layer(
+        snakemake.input.embeddings, snakemake.output.clusters, layer, snakemake.params.threshold, snakemake.params.method
+    ),
     snakemake.log[0],
 )

@@ -1,18 +1,22 @@
 from neuron_embeddings.runner import run_stage
-from neuron_embeddings.sae import compare_units
+from neuron_embeddings.sae.comparison import compare_units
+from neuron_embeddings.sae.figures import plot_comparison
 
-name = snakemake.wildcards.sae
-run_stage(
-    f"compare_sae {name}",
-    lambda: compare_units(
+name, layer = snakemake.wildcards.sae, snakemake.params.layer
+
+
+def compare():
+    summary = compare_units(
         snakemake.input.neurons,
         snakemake.input.latents,
         snakemake.input.quality,
         snakemake.output.json,
-        snakemake.output.png,
         name,
-        snakemake.params.layer,
+        layer,
         n_boot=snakemake.params.bootstrap,
-    ),
-    snakemake.log[0],
-)
+    )
+    plot_comparison(snakemake.input.neurons, snakemake.input.latents, snakemake.output.png, name, layer)
+    return summary
+
+
+run_stage(f"compare_sae {name}", compare, snakemake.log[0])

@@ -8,7 +8,7 @@ run_stage(
         snakemake.input.selection,
         snakemake.input.model,
         list(snakemake.input.corpus),
-        snakemake.output[0],
+        snakemake.output.embeddings,
         layer,
         trust_remote_code=snakemake.params.trust_remote_code,
     ),

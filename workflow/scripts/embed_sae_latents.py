@@ -1,17 +1,17 @@
 import os
 
 from neuron_embeddings.runner import run_stage
-from neuron_embeddings.sae import embed_latents
+from neuron_embeddings.sae.embedding import embed_latents
 
 name = snakemake.wildcards.sae
 run_stage(
     f"embed_sae_latents {name}",
     lambda: embed_latents(
         snakemake.input.selection,
-        os.path.dirname(snakemake.input.sae[0]),
+        os.path.dirname(snakemake.input.cfg),
         snakemake.input.model,
         list(snakemake.input.corpus),
-        snakemake.output[0],
+        snakemake.output.embeddings,
         snakemake.params.layer,
         name,
         trust_remote_code=snakemake.params.trust_remote_code,

@@ -1,17 +1,17 @@
 import os
 
 from neuron_embeddings.runner import run_stage
-from neuron_embeddings.sae import evaluate_sae
+from neuron_embeddings.sae.evaluation import evaluate_sae
 
 name = snakemake.wildcards.sae
 run_stage(
     f"evaluate_sae {name}",
     lambda: evaluate_sae(
         snakemake.input.model,
-        os.path.dirname(snakemake.input.sae[0]),
+        os.path.dirname(snakemake.input.cfg),
         list(snakemake.input.corpus),
         snakemake.input.selection,
-        snakemake.output[0],
+        snakemake.output.quality,
         snakemake.params.layer,
         name,
         eval_tokens=snakemake.params.eval_tokens,

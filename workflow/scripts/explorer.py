@@ -18,7 +18,7 @@ per_layer = {
 run_stage(
     "explorer",
     lambda: build_explorer(
-        snakemake.output[0],
+        snakemake.output.site,
         snakemake.params.run,
         per_layer,
         inputs.documents,

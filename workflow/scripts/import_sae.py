@@ -1,7 +1,7 @@
 import os
 
 from neuron_embeddings.runner import run_stage
-from neuron_embeddings.sae import import_sae
+from neuron_embeddings.sae.saelens_io import import_sae
 
 name = snakemake.wildcards.sae
 run_stage(

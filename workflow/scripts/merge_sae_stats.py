@@ -3,6 +3,6 @@ from neuron_embeddings.selection import merge_layer_stats
 
 run_stage(
     f"merge_sae_stats {snakemake.wildcards.sae}",
-    lambda: merge_layer_stats(list(snakemake.input), snakemake.output[0], snakemake.params.layer),
+    lambda: merge_layer_stats(list(snakemake.input.shards), snakemake.output.stats, snakemake.params.layer),
     snakemake.log[0],
 )

@@ -2,9 +2,9 @@ from neuron_embeddings.runner import run_stage
 from neuron_embeddings.selection import merge_layer_stats
 
 layer = int(snakemake.wildcards.layer)
-caches = [f"{folder}/layer-{layer}.safetensors" for folder in snakemake.input]  # one folder per shard
+caches = [f"{folder}/layer-{layer}.safetensors" for folder in snakemake.input.stats]  # one folder per shard
 run_stage(
     f"merge_stats layer {layer}",
-    lambda: merge_layer_stats(caches, snakemake.output[0], layer),
+    lambda: merge_layer_stats(caches, snakemake.output.stats, layer),
     snakemake.log[0],
 )

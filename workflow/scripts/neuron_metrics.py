@@ -1,11 +1,12 @@
 from neuron_embeddings.metrics import layer_metrics
 from neuron_embeddings.runner import run_stage
 
-layer = int(snakemake.wildcards.layer)
+# Also the SAE latents' metrics (sae.smk: use rule neuron_metrics as sae_latent_metrics).
+layer = snakemake.params.layer
 run_stage(
-    f"neuron_metrics layer {layer}",
+    f"{snakemake.rule} layer {layer}",
     lambda: layer_metrics(
-        snakemake.input.embeddings, snakemake.input.clusters, snakemake.input.selection, snakemake.output[0], layer,
+        snakemake.input.embeddings, snakemake.input.clusters, snakemake.input.selection, snakemake.output.metrics, layer,
         **snakemake.params.settings,
     ),
     snakemake.log[0],

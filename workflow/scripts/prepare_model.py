@@ -4,4 +4,4 @@ from neuron_embeddings.models import ModelSource, prepare_model
 from neuron_embeddings.runner import run_stage
 
 spec = ModelSource.from_config(snakemake.params.model)
-run_stage("prepare_model", lambda: asdict(prepare_model(spec, snakemake.output[0])), snakemake.log[0])
+run_stage("prepare_model", lambda: asdict(prepare_model(spec, snakemake.output.model)), snakemake.log[0])

@@ -5,7 +5,7 @@ layers = list(snakemake.params.layers)
 run_stage(
     "report",
     lambda: write_report(
-        out_path=snakemake.output[0],
+        out_path=snakemake.output.page,
         run=snakemake.params.run,
         summary_path=snakemake.input.summary,
         metrics_paths=dict(zip(layers, snakemake.input.metrics)),
@@ -13,7 +13,7 @@ run_stage(
         embeddings_paths=dict(zip(layers, snakemake.input.embeddings)),
         documents_path=snakemake.input.documents,
         settings={**snakemake.params.settings, "corpus": snakemake.params.corpus},
-        sae_comparisons=list(zip(snakemake.input.sae[::2], snakemake.input.sae[1::2])),
+        sae_comparisons=list(zip(snakemake.input.sae_comparisons, snakemake.input.sae_figures)),
         corpus_summary_path=snakemake.input.corpus_summary,
         comparison_path=snakemake.input.comparison[0] if snakemake.input.comparison else None,
     ),

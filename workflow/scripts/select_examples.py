@@ -8,7 +8,7 @@ run_stage(
     f"select_examples layer {layer}",
     lambda: merge_layer(
         caches,
-        snakemake.output[0],
+        snakemake.output.selection,
         snakemake.params.k,
         layer,
         mode=selection["mode"],

@@ -6,11 +6,11 @@ run_stage(
     f"select_sae_examples {snakemake.wildcards.sae}",
     lambda: merge_layer(
         list(snakemake.input.caches),
-        snakemake.output[0],
+        snakemake.output.selection,
         snakemake.params.k,
         snakemake.params.layer,
         mode=selection["mode"],
-        quantile_per_bin=selection.get("quantile_per_bin", 0),
+        quantile_per_bin=selection["quantile_per_bin"] if selection["mode"] == "threshold" else 0,
         corpus_shards=list(snakemake.input.corpus),
     ),
     snakemake.log[0],

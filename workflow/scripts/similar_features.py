@@ -7,7 +7,7 @@ run_stage(
     lambda: similar_features(
         snakemake.input.selection,
         snakemake.input.clusters,
-        snakemake.output[0],
+        snakemake.output.similar,
         layer,
         top_k=snakemake.params.top_k,
         min_similarity=snakemake.params.min_similarity,

@@ -4,8 +4,8 @@ from neuron_embeddings.storage import write_json
 
 
 def main():
-    summary = run_summary(dict(zip(snakemake.params.layers, snakemake.input)))
-    write_json(summary, snakemake.output[0])
+    summary = run_summary(dict(zip(snakemake.params.layers, snakemake.input.metrics)))
+    write_json(summary, snakemake.output.summary)
     return summary
 
 

@@ -4,6 +4,6 @@ from neuron_embeddings.sweep import threshold_sweep
 layer = int(snakemake.wildcards.layer)
 run_stage(
     f"threshold_sweep layer {layer}",
-    lambda: threshold_sweep(snakemake.input[0], snakemake.output[0], layer, list(snakemake.params.thresholds), snakemake.params.method),
+    lambda: threshold_sweep(snakemake.input.embeddings, snakemake.output.sweep, layer, list(snakemake.params.thresholds), snakemake.params.method),
     snakemake.log[0],
 )

@@ -10,7 +10,7 @@ run_stage(
         snakemake.input.embeddings,
         snakemake.input.clusters,
         snakemake.input.metrics,
-        snakemake.output[0],
+        snakemake.output.importance,
         layer,
         ImportanceSettings(**snakemake.params.settings),
         trust_remote_code=snakemake.params.trust_remote_code,

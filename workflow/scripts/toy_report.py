@@ -1,5 +1,5 @@
 from neuron_embeddings.runner import run_stage
-from neuron_embeddings.toy import write_toy_report
+from neuron_embeddings.toy_report import write_toy_report
 
 run_stage(
     "toy_report",

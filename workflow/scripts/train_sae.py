@@ -1,7 +1,7 @@
 import os
 
 from neuron_embeddings.runner import run_stage
-from neuron_embeddings.sae import TrainSettings, train_sae
+from neuron_embeddings.sae.training import TrainSettings, train_sae
 
 name = snakemake.wildcards.sae
 run_stage(

@@ -1,0 +1,106 @@
+"""The pipeline's per-layer files, read back by the later stages: the embeddings table (whole, or some columns),
+per embeddings row where its x is in the selection's stores, and each cluster's examples in display order.
+
+Readers only: the stages that write these files own their contents (schemas.py fixes the columns).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import schemas
+from .errors import PipelineError
+from .storage import check_schema, load_tensors, read_parquet
+
+
+def fixed_list(column: pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size list column as a 2-D array (rows x width)."""
+    array = column.combine_chunks()
+    width = array.type.list_size
+    return array.values.to_numpy(zero_copy_only=False).reshape(len(array), width)
+
+
+def read_embeddings(path: str | os.PathLike) -> tuple[pa.Table, np.ndarray]:
+    """The embeddings table (without the embedding column) and the embeddings as a float32 matrix."""
+    table = read_parquet(path, schemas.EMBEDDINGS)
+    emb = fixed_list(table.column("embedding")) if table.num_rows else np.zeros((0, 0), np.float32)
+    return table.drop_columns(["embedding"]), emb
+
+
+def selected_entries(state: dict[str, np.ndarray], mode: str, sign: str = "positive") -> dict[str, np.ndarray]:
+    """Every kept example of a selection file, main set and quantile bins together, ordered by neuron and then
+    by the selection's score of the activation (descending; ties by token), with x gathered from each set's store."""
+    parts = []
+    for prefix, label in (("", mode), ("quantile.", "quantile")):
+        if f"{prefix}values" not in state:
+            continue
+        values = state[f"{prefix}values"]
+        slot, col = np.nonzero(np.isfinite(values))
+        per_neuron = 1 if not prefix else values.shape[0] // state["values"].shape[0]
+        sample = [label] * len(slot) if not prefix else [f"quantile-{b}" for b in (slot % per_neuron).tolist()]
+        parts.append({
+            "neuron": slot // per_neuron,
+            "value": values[slot, col],
+            "token": state[f"{prefix}tokens"][slot, col],
+            "pre": state[f"{prefix}pre"][slot, col],
+            "context": state[f"{prefix}context"][slot, col],
+            "x": state[f"{prefix}x"][state[f"{prefix}xrow"][slot, col]].astype(np.float32),
+            "sample": np.array(sample, dtype=object),
+        })
+    joined = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    value = joined["value"].astype(np.float64)
+    strength = {"positive": value, "negative": -value, "both": np.abs(value)}[sign]
+    order = np.lexsort((joined["token"], -strength, joined["neuron"]))
+    joined = {key: value[order] for key, value in joined.items()}
+    starts = np.searchsorted(joined["neuron"], joined["neuron"], side="left")
+    joined["rank"] = np.arange(len(order)) - starts
+    return joined
+
+
+def store_rows(selection_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Per embeddings row (same order), its row in the selection's x stores, and the stores joined.
+
+    `selected_entries` fixes the row order; handing it the row numbers in place of x gives, per
+    example, where its x is, without materialising x for every example.
+    """
+    state, meta = load_tensors(selection_path)
+    mode = meta.get("settings", {}).get("mode", "top_k")
+    indexed, stores, offset = dict(state), [], 0
+    for prefix in ("", "quantile."):
+        if f"{prefix}x" in state:
+            store = state[f"{prefix}x"]
+            if len(store) + offset >= 2**24:
+                raise PipelineError(f"{selection_path}: x store too large to index through float32 row numbers")
+            indexed[f"{prefix}x"] = (np.arange(len(store)) + offset)[:, None].astype(np.float32)
+            stores.append(store)
+            offset += len(store)
+    sign = meta.get("cache_settings", {}).get("sign", "positive")
+    rows = selected_entries(indexed, mode, sign)["x"][:, 0].astype(np.int64)
+    return rows, np.concatenate(stores).astype(np.float32)
+
+
+def read_columns(path: str | os.PathLike, expected: pa.Schema, columns: list[str]) -> pa.Table:
+    """Some columns of a pipeline table (the embeddings' embedding column is large), schema-checked."""
+    check_schema(pq.read_schema(path), expected, path)
+    return pq.read_table(path, columns=columns)
+
+
+def display_order(clusters: pa.Table) -> list[np.ndarray]:
+    """Per (neuron, cluster) in order, the clusters table's row numbers as shown: central first, then by rank.
+
+    The clusters table is sorted by neuron then example_rank, and clusters are numbered largest first. A dead
+    unit's examples (cluster -1: no clusters) are not shown.
+    """
+    neuron = clusters.column("neuron").to_numpy()
+    cluster = clusters.column("cluster").to_numpy()
+    rank = clusters.column("example_rank").to_numpy()
+    central = clusters.column("is_central").to_numpy(zero_copy_only=False)
+    order = np.lexsort((rank, ~central, cluster, neuron))
+    order = order[cluster[order] >= 0]
+    key = neuron[order].astype(np.int64) * (int(cluster.max(initial=0)) + 1) + cluster[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]) if len(key) else np.zeros(0, np.int64)
+    return np.split(order, starts[1:]) if len(key) else []
