@@ -85,7 +85,7 @@ RERUNS = {
     **{
         f"neuron_embeddings.sae{module}": set()
         for module in ("", ".config", ".model", ".saelens_io", ".streaming", ".training", ".latents", ".embedding",
-                       ".evaluation", ".comparison", ".figures")
+                       ".evaluation", ".comparison", ".plots")
     },
 }
 

@@ -23,7 +23,7 @@ from neuron_embeddings.embeddings import check_invariant, invariant_error
 from neuron_embeddings.errors import PipelineError
 from neuron_embeddings.sae.comparison import compare_units
 from neuron_embeddings.sae.config import SCHEMA, check_sae_config, sae_specs, train_settings, with_defaults
-from neuron_embeddings.sae.figures import plot_comparison
+from neuron_embeddings.sae.plots import plot_comparison
 from neuron_embeddings.sae.latents import drop_inactive
 from neuron_embeddings.sae.model import SparseAutoencoder, check_fits
 from neuron_embeddings.sae.saelens_io import load_sae, save_sae
@@ -353,7 +353,7 @@ def test_each_sae_script_imports_only_the_modules_it_runs():
         "cache_sae": {"latents", "model", "saelens_io", "streaming"},
         "embed_sae_latents": {"embedding", "model", "saelens_io"},
         "evaluate_sae": {"evaluation", "model", "saelens_io", "streaming"},
-        "compare_sae": {"comparison", "figures"},
+        "compare_sae": {"comparison", "plots"},
     }
     code = ("import sys, neuron_embeddings.sae.config, neuron_embeddings.sae; "
             "print(sorted(m for m in sys.modules if m.startswith(('torch', 'neuron_embeddings.sae.'))))")

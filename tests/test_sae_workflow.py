@@ -130,7 +130,7 @@ def test_an_sae_module_edit_reruns_only_the_stages_that_run_it(sae_run, tmp_path
         return plan_with_edit(sae_run, copy, module, lambda text: text + "\n_RERUN_PROBE = 1\n", *targets)
 
     after_comparison = {"compare_sae", "report"}
-    assert plan("neuron_embeddings.sae.figures") == after_comparison
+    assert plan("neuron_embeddings.sae.plots") == after_comparison
     assert plan("neuron_embeddings.sae.comparison") == after_comparison
     after_embedding = {"embed_sae_latents", "cluster_sae_latents", "sae_latent_metrics"} | after_comparison
     assert plan("neuron_embeddings.sae.embedding") == after_embedding

@@ -15,7 +15,7 @@ from .storage import atomic_path
 
 def write_toy_report(choice_path: str | os.PathLike, png_path: str | os.PathLike, out_path: str | os.PathLike,
                      settings: dict[str, Any]) -> dict[str, Any]:
-    """`choice_path` and `png_path`: toy.summarise_toys' JSON and plot; `settings`: the toy config shown."""
+    """`choice_path` and `png_path`: toy.summarize_toys' JSON and plot; `settings`: the toy config shown."""
     page = render(
         __file__,
         "toy_report.html.j2",

@@ -1,6 +1,6 @@
 from neuron_embeddings.runner import run_stage
 from neuron_embeddings.sae.comparison import compare_units
-from neuron_embeddings.sae.figures import plot_comparison
+from neuron_embeddings.sae.plots import plot_comparison
 
 name, layer = snakemake.wildcards.sae, snakemake.params.layer
 

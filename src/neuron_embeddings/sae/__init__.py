@@ -24,5 +24,5 @@ nothing else; this file imports nothing, so importing one module does not load t
 - `embedding`: the latents' embeddings (the neurons' embedding stage with the encoder as input weights);
 - `evaluation`: the quality figures (FVE, L0, dead latents, the LM loss with the reconstruction spliced in);
 - `comparison`: the layer's neurons against the SAE's latents, with bootstrap intervals (JSON);
-- `figures`: the comparison's plot.
+- `plots`: the comparison's plot.
 """

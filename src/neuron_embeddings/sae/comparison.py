@@ -44,7 +44,7 @@ def unit_summary(metrics_path: str | os.PathLike, n_boot: int, seed: int) -> dic
 def compare_units(neuron_metrics: str | os.PathLike, latent_metrics: str | os.PathLike, quality_path: str | os.PathLike,
                   out_json: str | os.PathLike, name: str, layer: int, n_boot: int, seed: int = 0) -> dict[str, Any]:
     """The layer's neurons against the SAE's latents, with the SAE's quality figures, as JSON (the plot of the two
-    distributions is figures.plot_comparison)."""
+    distributions is plots.plot_comparison)."""
     quality = json.loads(Path(quality_path).read_text())
     quality.pop("provenance", None)
     result = {

@@ -168,14 +168,14 @@ class SAETraining:
             for start in range(0, buffer.shape[0], self.s.batch_size):
                 self._window.append(self.trainer.step(buffer[order[start : start + self.s.batch_size]], self.total_steps))
                 if len(self._window) == 20:
-                    self.curve.append(_summarise(self._window, self.trainer.step_count))
+                    self.curve.append(_summarize(self._window, self.trainer.step_count))
                     self._window = []
 
     def finish(self) -> tuple[SparseAutoencoder, dict[str, Any]]:
         if self.trainer is None:
             raise PipelineError("sae: no activations to train on (is the corpus empty, or all held out?)")
         if self._window:
-            self.curve.append(_summarise(self._window, self.trainer.step_count))
+            self.curve.append(_summarize(self._window, self.trainer.step_count))
             self._window = []
         final = self.curve[-1]
         log.info("sae trained: %d steps over %d tokens; last steps: fve %.3f, l0 %.1f", self.trainer.step_count,
@@ -194,7 +194,7 @@ def train_on_buffers(buffers: Iterator[torch.Tensor], d_in: int, settings: Train
     return training.finish()
 
 
-def _summarise(window: list[dict[str, float]], step: int) -> dict[str, float]:
+def _summarize(window: list[dict[str, float]], step: int) -> dict[str, float]:
     mean = {key: float(np.mean([w[key] for w in window])) for key in window[0]}
     out = {"step": step, "fve": 1.0 - mean["mse"] / max(mean["var"], 1e-12), "l0": mean["l0"], "mse": mean["mse"]}
     for key in ("l1", "aux"):
