@@ -13,7 +13,7 @@ rule export_delphi:
         corpus=corpus_shards,
         model="results/{run}/model",
     output:
-        directory("results/{run}/export/delphi/layer-{layer}"),
+        delphi=directory("results/{run}/export/delphi/layer-{layer}"),
     log:
         "results/{run}/logs/export_delphi/layer-{layer}.log",
     benchmark:
@@ -34,7 +34,7 @@ rule export_neuronpedia:
         metrics="results/{run}/metrics/layer-{layer}.parquet",
         corpus=corpus_shards,
     output:
-        directory("results/{run}/export/neuronpedia/layer-{layer}"),
+        neuronpedia=directory("results/{run}/export/neuronpedia/layer-{layer}"),
     log:
         "results/{run}/logs/export_neuronpedia/layer-{layer}.log",
     benchmark:
@@ -60,7 +60,7 @@ rule export_duckdb:
             "results/{run}/metrics/layer-{layer}.parquet", run=wildcards.run, layer=ENTRY[wildcards.run]["layers"]
         ),
     output:
-        "results/{run}/export/duckdb/views.sql",
+        views="results/{run}/export/duckdb/views.sql",
     log:
         "results/{run}/logs/export_duckdb.log",
     benchmark:

@@ -53,7 +53,7 @@ rule toy_report:
         choice=rules.summarize_toys.output.choice,
         png=rules.summarize_toys.output.png,
     output:
-        f"{TOY_RUN}/report/index.html",
+        page=f"{TOY_RUN}/report/index.html",
     log:
         f"{TOY_RUN}/logs/toy_report.log",
     benchmark:

@@ -6,7 +6,7 @@ layer = int(snakemake.wildcards.layer)
 run_stage(
     f"export_delphi layer {layer}",
     lambda: export_delphi_layer(
-        snakemake.input.embeddings, snakemake.input.clusters, list(snakemake.input.corpus), snakemake.output[0],
+        snakemake.input.embeddings, snakemake.input.clusters, list(snakemake.input.corpus), snakemake.output.delphi,
         layer, snakemake.wildcards.run, pad_token_id(snakemake.input.model), snakemake.params.splits,
     ),
     snakemake.log[0],

@@ -3,6 +3,6 @@ from neuron_embeddings.runner import run_stage
 
 run_stage(
     "export_duckdb",
-    lambda: write_views(snakemake.output[0], list(snakemake.params.layers)),
+    lambda: write_views(snakemake.output.views, list(snakemake.params.layers)),
     snakemake.log[0],
 )

@@ -6,7 +6,7 @@ run_stage(
     f"export_neuronpedia layer {layer}",
     lambda: export_neuronpedia_layer(
         snakemake.input.embeddings, snakemake.input.clusters, snakemake.input.metrics, list(snakemake.input.corpus),
-        snakemake.output[0], layer, snakemake.wildcards.run, dict(snakemake.params.settings),
+        snakemake.output.neuronpedia, layer, snakemake.wildcards.run, dict(snakemake.params.settings),
     ),
     snakemake.log[0],
 )

@@ -117,7 +117,7 @@ def export_delphi_layer(
     layer: int,
     run: str,
     pad_id: int,
-    n_splits: int = 5,
+    n_splits: int,
 ) -> dict[str, Any]:
     """Write `out_dir` (replaced whole) for one layer; returns counts and the size written."""
     data = read_layer(embeddings, clusters, layer)
