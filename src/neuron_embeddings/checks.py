@@ -25,26 +25,34 @@ def _key_path(parts: Any) -> str:
     return out
 
 
+def filling_validator(schema: dict[str, Any]) -> Any:
+    """A validator that fills in the schema's defaults as it goes, as Snakemake's validate does."""
+    import copy
+
+    from jsonschema import Draft202012Validator, validators
+
+    validate_properties = Draft202012Validator.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, subschema):
+        if isinstance(instance, dict):
+            for key, prop in properties.items():
+                if isinstance(prop, dict) and "default" in prop:
+                    instance.setdefault(key, copy.deepcopy(prop["default"]))
+        yield from validate_properties(validator, properties, instance, subschema)
+
+    return validators.extend(Draft202012Validator, {"properties": set_defaults})(schema)
+
+
 def fill_defaults(config: dict[str, Any], schema_path: str | os.PathLike) -> dict[str, Any]:
     """A copy of a valid config with the schema's defaults filled in, as Snakemake's validate does in the
     workflow: the schema is the one place a default is written, for the command line and library users too."""
     import copy
 
     import yaml
-    from jsonschema import Draft202012Validator, validators
 
     validate_config(config, schema_path)
-
-    def properties_with_defaults(validator, properties, instance, schema):
-        if isinstance(instance, dict):
-            for name, sub in properties.items():
-                if isinstance(sub, dict) and "default" in sub:
-                    instance.setdefault(name, copy.deepcopy(sub["default"]))
-        yield from Draft202012Validator.VALIDATORS["properties"](validator, properties, instance, schema)
-
-    filling = validators.extend(Draft202012Validator, {"properties": properties_with_defaults})
     filled = copy.deepcopy(config)
-    filling(yaml.safe_load(Path(schema_path).read_text())).validate(filled)
+    filling_validator(yaml.safe_load(Path(schema_path).read_text())).validate(filled)
     return filled
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 
+from ..checks import filling_validator
 from ..errors import PipelineError
 
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -77,28 +77,13 @@ def check_sae_config(config: dict[str, Any]) -> None:
                                         "(an SAE in the SAELens layout is a folder with cfg.json and sae_weights.safetensors)")
 
 
-def _filling_validator(schema: dict[str, Any]) -> Any:
-    """A validator that fills in the schema's defaults as it goes, as Snakemake's validate does."""
-    base = Draft202012Validator
-    validate_properties = base.VALIDATORS["properties"]
-
-    def set_defaults(validator, properties, instance, subschema):
-        if isinstance(instance, dict):
-            for key, prop in properties.items():
-                if "default" in prop:
-                    instance.setdefault(key, copy.deepcopy(prop["default"]))
-        yield from validate_properties(validator, properties, instance, subschema)
-
-    return validators.extend(base, {"properties": set_defaults})(schema)
-
-
 def with_defaults(config: dict[str, Any], schema_path: str | os.PathLike = SCHEMA) -> dict[str, Any]:
     """A copy of `config` whose `sae` section is checked against the config schema and completed with its
     defaults: what the workflow's validated config holds, for callers outside Snakemake."""
     schema = yaml.safe_load(Path(schema_path).read_text())
     section = {"type": "object", "properties": {"sae": schema["properties"]["sae"]}}
     filled = {"sae": copy.deepcopy(config["sae"])} if "sae" in config else {}
-    error = best_match(_filling_validator(section).iter_errors(filled))
+    error = best_match(filling_validator(section).iter_errors(filled))
     if error is not None:
         where = ".".join(str(part) for part in error.absolute_path) or "sae"
         raise PipelineError(f"{where}: {error.message}")
