@@ -8,8 +8,9 @@ d_model 768), smollm2-135m (30 x 1536, gated), llama-1b (16 x 8192, gated, for a
 folder written by the prepare_model stage. It prints tokens/second (medians over interleaved repeats) of:
 - the bare transformer body (no LM head, no hooks) at the chosen precision,
 - the caching path the pipeline runs (hooks + exact running top-k + statistics for every cached layer), or with
-  --selection threshold each of the paper's two passes (pass 1: statistics; pass 2: every example >= alpha x
-  max, capped by a seeded sample), and what both cost per corpus token,
+  --selection threshold the paper's selection (every example >= alpha x max, capped by a seeded sample) in the
+  default one exact pass, and in the two-pass reference (pass 1: statistics; pass 2: the sample) with what both
+  cost per corpus token,
 - with --transformer-lens, TransformerLens 3.x run_with_cache + a running top-k on GPT-2-small (the paper's
   toolchain; its own environment from benchmarks/setup-transformer-lens.sh), always fp32 on the CPU;
 and the ratios, the storage of the cached MLP inputs, and with --memory the peak RSS of a caching process over
@@ -33,7 +34,7 @@ import torch
 from neuron_embeddings.adapters import MLPCapture, adapter_for, run_capture
 from neuron_embeddings.models import DTYPES, describe, load_prepared, ModelSource
 from neuron_embeddings.activations import StatsOnly
-from neuron_embeddings.topk import ThresholdAccumulator, TopKAccumulator
+from neuron_embeddings.topk import OnePassAccumulator, ThresholdAccumulator, TopKAccumulator
 
 HERE = Path(__file__).resolve().parent
 
@@ -76,6 +77,9 @@ def accumulators(info, layers, args, kind: str, max_activation: dict | None = No
                                        x_dtype=DTYPES[args.store_dtype]) for layer in layers}
     if kind == "stats":
         return {layer: StatsOnly(info.n_neurons, 8) for layer in layers}
+    if kind == "one_pass":
+        return {layer: OnePassAccumulator(info.n_neurons, info.d_model, info.n_projections, args.alpha, args.cap, 20, 10,
+                                          x_dtype=DTYPES[args.store_dtype]) for layer in layers}
     return {layer: ThresholdAccumulator(max_activation[layer], info.d_model, info.n_projections, args.alpha,
                                         args.cap, 20, 10, x_dtype=DTYPES[args.store_dtype]) for layer in layers}
 
@@ -107,6 +111,25 @@ def caching_step(model, info, layers, args, accs: dict):
             cap.remove()
 
     return step
+
+
+def saturate(examples) -> None:
+    """A kept set as a long run leaves it: nothing new gets in. The top-k and two-pass sets with every key +inf;
+    the one-pass candidates with `cap` entries per neuron that rank first and score highest (so every new entry
+    has cap dominators)."""
+    if hasattr(examples, "cap") and examples.keys.shape[1] < examples.cap:
+        examples._widen(examples.cap)
+    examples.keys.fill_(float("inf"))
+    if hasattr(examples, "cap"):
+        examples.values.fill_(torch.finfo(torch.float32).max)
+        examples.tokens.copy_(torch.arange(examples.tokens.shape[1]).expand_as(examples.tokens))
+
+
+def changed(tokens: torch.Tensor, before: torch.Tensor) -> int:
+    """Kept entries that changed (the one-pass candidates may have widened meanwhile)."""
+    width = min(tokens.shape[1], before.shape[1])
+    wider = abs(tokens.shape[1] - before.shape[1]) * tokens.shape[0]
+    return int((tokens[:, :width] != before[:, :width]).sum()) + wider
 
 
 def rate(fn, batches) -> float:
@@ -147,7 +170,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
     parser.add_argument("--selection", default="top_k", choices=["top_k", "threshold"],
-                        help="top_k: one pass; threshold: the paper's two passes, each timed against the bare body")
+                        help="top_k: one pass; threshold: the paper's, in one pass and in two, against the bare body")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--batches", type=int, default=4)
@@ -182,13 +205,15 @@ def main() -> None:
             accs = accumulators(info, layers, args, "top_k")
             paths["caching path (top_k)"] = (caching_step(model, info, layers, args, accs), accs)
         else:
+            accs = accumulators(info, layers, args, "one_pass")
+            paths["threshold in one pass (default)"] = (caching_step(model, info, layers, args, accs), accs)
             stats = accumulators(info, layers, args, "stats")
             paths["pass 1: statistics"] = (caching_step(model, info, layers, args, stats), stats)
             # The maxima pass 1 would measure over the whole corpus: here, over every batch the benchmark uses.
             rate(paths["pass 1: statistics"][0], warm + batches)
             maxima = {layer: acc.state()["stat_max"] for layer, acc in stats.items()}
-            accs = accumulators(info, layers, args, "threshold", maxima)
-            paths["pass 2: selection"] = (caching_step(model, info, layers, args, accs), accs)
+            second = accumulators(info, layers, args, "threshold", maxima)
+            paths["pass 2: selection"] = (caching_step(model, info, layers, args, second), second)
         for step, _ in paths.values():
             rate(step, warm)  # towards the steady state a real run spends nearly all its tokens in
         # The limit of a long run, where almost no token still enters a selection: the same paths with every
@@ -196,7 +221,7 @@ def main() -> None:
         for label in [label for label, (_, a) in paths.items() if selects(a)]:
             limit = {layer: copy.deepcopy(acc) for layer, acc in paths[label][1].items()}
             for acc in limit.values():
-                acc.examples.keys.fill_(float("inf"))
+                saturate(acc.examples)
             paths[f"{label}, long-run limit"] = (caching_step(model, info, layers, args, limit), limit)
         kept_before = {label: [acc.examples.tokens.clone() for acc in a.values()]
                        for label, (_, a) in paths.items() if selects(a)}
@@ -210,7 +235,7 @@ def main() -> None:
     bare = statistics.median(bare_rates)
     rates = {label: statistics.median(r) for label, r in path_rates.items()}
     n_timed = len(layers) * len(batches) * args.repeats
-    replaced = {label: sum(int((acc.examples.tokens != before).sum()) for acc, before in zip(paths[label][1].values(), kept))
+    replaced = {label: sum(changed(acc.examples.tokens, before) for acc, before in zip(paths[label][1].values(), kept))
                 / n_timed for label, kept in kept_before.items()}
     seen = (args.warmup_batches + len(batches) * (args.repeats + 1)) * args.batch_size * args.window
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -223,10 +248,11 @@ def main() -> None:
         note = f"   ({replaced[label]:.0f} kept entries replaced per layer and batch, ~{seen} tokens in)" if label in replaced else ""
         print(f"{label:42s}{value:8.0f} tokens/s {value / bare:5.2f} x bare body{note}")
     measured = {label: value for label, value in rates.items() if not label.endswith("long-run limit")}
-    if len(measured) > 1:  # both passes read every token: the corpus costs the sum of their times
-        both = 1 / sum(1 / value for value in measured.values())
+    passes = {label: value for label, value in measured.items() if label.startswith("pass ")}
+    if passes:  # both passes read every token: the corpus costs the sum of their times
+        both = 1 / sum(1 / value for value in passes.values())
         print(f"{'both passes, per corpus token':42s}{both:8.0f} tokens/s {both / bare:5.2f} x bare body")
-    print("target: >= 0.90 x bare body")
+    print("target: >= 0.90 x bare body per pass; the paper's selection >= 0.85 x per corpus token")
     cached = min(measured.values())
     if device.type == "cuda":
         print(f"peak GPU memory                   {torch.cuda.max_memory_allocated(device) / 2**30:10.2f} GiB")

@@ -12,11 +12,14 @@ from conftest import run_snakemake, tiny_config, write_corpus
 from neuron_embeddings.topk import (
     HIST_EDGES,
     NO_TOKEN,
+    OnePassAccumulator,
     ThresholdAccumulator,
     TopKAccumulator,
     eligibility_floor,
+    merge_candidates,
     merge_states,
     priority,
+    skyline,
 )
 
 N, T, D, P = 7, 9, 4, 2
@@ -162,6 +165,95 @@ def test_quantile_bins_equal_brute_force():
                 assert torch.equal(vals, act.reshape(-1, N)[got, n]), (how, n, b)
                 assert torch.equal(merged["quantile.x"][merged["quantile.xrow"][slot][: len(got)]], x[got]), (how, n, b)
                 assert torch.all((vals >= lo - 1e-6) & (vals < hi + 1e-6))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the one-pass threshold selection (the default) against the two passes (the reference) and the brute force
+
+ONE_PASS_CASES = [("positive", 0.75, 3), ("positive", 0.25, 10), ("negative", 2 / 3, 5), ("both", 0.25, 1),
+                  ("both", 0.9, 4)]
+
+
+@pytest.mark.parametrize("sign,alpha,cap", ONE_PASS_CASES, ids=[f"{c[0]}-{c[1]:.2f}-cap{c[2]}" for c in ONE_PASS_CASES])
+@pytest.mark.parametrize("n_windows,seed", [(12, 0), (60, 1)])
+def test_one_pass_equals_two_passes_and_brute_force(sign, alpha, cap, n_windows, seed):
+    """Same examples, values, pre-activations, contexts, x and statistics as the two passes, for every batching
+    and sharding, every merge order, and data full of exact ties (half-integer activations)."""
+    data = make_data(n_windows=n_windows, seed=seed)
+    expected, max_score = brute_threshold(data, alpha, cap, 3, sign)
+    one = lambda: OnePassAccumulator(N, D, P, alpha, cap, 2, 1, 3, sign=sign)  # noqa: E731
+    two = lambda: ThresholdAccumulator(max_score, D, P, alpha, cap, 2, 1, 3, sign=sign)  # noqa: E731
+    for batch, shards in [(1, 1), (5, 1), (3, 3), (7, 4)]:
+        reference = merge_states(feed(two, data, batch, shards), cap)
+        states = feed(one, data, batch, shards)
+        orders = {"forward": states, "reversed": states[::-1], "rotated": states[1:] + states[:1]}
+        for how, parts in orders.items():
+            merged = merge_candidates(parts, cap, alpha, sign)
+            where = (batch, shards, how)
+            kept = [[t for t in row if t != NO_TOKEN] for row in merged["tokens"].tolist()]
+            assert kept == [expected[n] for n in range(N)], where
+            for name in ("keys", "tokens", "values", "pre", "context", "stat_max", "stat_min", "stat_sum",
+                         "stat_positive", "stat_hist", "n_tokens"):
+                assert torch.equal(merged[name].nan_to_num(), reference[name].nan_to_num()), (where, name)
+            real = merged["xrow"] >= 0
+            assert torch.equal(real, reference["xrow"] >= 0), where
+            assert torch.equal(merged["x"][merged["xrow"][real]], reference["x"][reference["xrow"][real]]), where
+
+
+def brute_skyline(score, key, token, cap, floor):
+    """Per slot, the entries with score >= floor and fewer than cap others ranked above them (key descending,
+    then token) with a score at least theirs, in that ranking."""
+    kept = []
+    for s, k, t, f in zip(score, key, token, floor):
+        rank = sorted(range(len(s)), key=lambda i: (-k[i], t[i]))
+        alive = []
+        for pos, i in enumerate(rank):
+            above = sum(1 for j in rank[:pos] if s[j] >= s[i])
+            if s[i] >= f and above < cap:
+                alive.append((t[i]))
+        kept.append(alive)
+    return kept
+
+
+@pytest.mark.parametrize("cap", [1, 2, 5])
+def test_skyline_keeps_exactly_the_undominated(cap):
+    g = torch.Generator().manual_seed(cap)
+    n_slots, m = 6, 40
+    score = torch.randint(0, 6, (n_slots, m), generator=g).float()  # many equal scores
+    key = -torch.randint(0, 8, (n_slots, m), generator=g).double()  # many equal keys: the token decides
+    token = torch.stack([torch.randperm(1000, generator=g)[:m] for _ in range(n_slots)])
+    floor = torch.tensor([0.0, 2.0, 5.0, 6.0, 1.0, 3.0])
+    slot = torch.arange(n_slots).repeat_interleave(m)
+    shuffle = torch.randperm(n_slots * m, generator=g)  # input order must not matter
+    keep = skyline(slot[shuffle], key.reshape(-1)[shuffle], token.reshape(-1)[shuffle], score.reshape(-1)[shuffle],
+                   n_slots, cap, floor)
+    flat_token = token.reshape(-1)[shuffle]
+    got = [[flat_token[p].item() for p in row if p >= 0] for row in keep.tolist()]
+    assert got == brute_skyline(score.tolist(), key.tolist(), token.tolist(), cap, floor.tolist())
+    assert got[3] == []  # a floor above every score keeps nothing
+
+
+def test_one_pass_memory_grows_like_cap_log_n():
+    """With scores and priorities independent, about cap x (1 + ln(n / cap)) of n eligible entries stay
+    candidates, however long the stream: here every entry is eligible (alpha far below the spread)."""
+    g = torch.Generator().manual_seed(0)
+    n_windows, cap = 400, 10
+    act = torch.rand(n_windows, T, N, generator=g) + 1.0  # scores in [1, 2): all above 0.25 x max
+    pre = [act.clone() for _ in range(P)]
+    x = torch.randn(n_windows, T, D, generator=g)
+    valid = torch.ones(n_windows, T, dtype=torch.bool)
+    token = torch.arange(n_windows)[:, None] * T + torch.arange(T)[None, :]
+    acc = OnePassAccumulator(N, D, P, 0.25, cap, 1, 1, 0)
+    widest = 0
+    for lo in range(0, n_windows, 10):
+        part = slice(lo, lo + 10)
+        acc.update(act[part], [p[part] for p in pre], x[part], valid[part], token[part])
+        widest = max(widest, int(torch.isfinite(acc.examples.values).sum(1).max()))
+    n = n_windows * T
+    bound = cap * (1 + np.log(n / cap))  # ~ 69 of 3,600
+    assert widest <= 2 * bound
+    state = acc.state()
+    assert state["keys"].shape[1] <= 2 * bound and state["x"].shape[0] <= N * 2 * bound
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,3 +411,23 @@ def test_threshold_mode_workflow_matches_brute_force_on_tiny_model(tiny_llama, t
     assert np.allclose(metrics["min_activation"], acts.min(0).values.numpy()[metrics["neuron"]], atol=1e-5)
     if sign != "positive":  # a random gated MLP fires about as often below zero: both signs are examples
         assert any(r["activation"] < 0 for r in emb) and any(r["activation"] > 0 for r in emb)
+
+
+def test_one_pass_workflow_equals_two_passes_on_tiny_model(tiny_llama, tmp_path):
+    """The real workflow: the default one pass skips pass 1's jobs and writes the same embeddings as two passes."""
+    corpus = write_corpus(tmp_path / "corpus", repeats=3)
+    tables = {}
+    for passes in (1, 2):
+        run = f"passes-{passes}"
+        config = tiny_config(tiny_llama, corpus, run=run, layers=[1, 2])
+        config["selection"] = {"mode": "threshold", "alpha": 0.5, "cap": 3, "seed": 7, "passes": passes,
+                               "context_before": 3, "context_after": 2}
+        proc = run_snakemake(tmp_path, config, *(f"results/{run}/embeddings/layer-{layer}.parquet" for layer in (1, 2)))
+        assert ("activation_stats" in proc.stderr) == (passes == 2)
+        assert (tmp_path / f"results/{run}/stats").exists() == (passes == 2)
+        tables[passes] = {layer: pq.read_table(tmp_path / f"results/{run}/embeddings/layer-{layer}.parquet")
+                          for layer in (1, 2)}
+    for layer in (1, 2):
+        one, two = tables[1][layer], tables[2][layer]
+        assert one.num_rows > 20 and one.schema.remove_metadata() == two.schema.remove_metadata()
+        assert one.to_pylist() == two.to_pylist(), layer

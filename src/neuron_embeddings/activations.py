@@ -22,7 +22,7 @@ from .adapters import MLPCapture, adapter_for, run_capture
 from .errors import PipelineError
 from .models import DTYPES, load_prepared, pick_device, read_manifest
 from .storage import load_tensors, provenance, read_parquet, save_tensors
-from .topk import Stats, ThresholdAccumulator, TopKAccumulator, make_batch, score_max
+from .topk import OnePassAccumulator, Stats, ThresholdAccumulator, TopKAccumulator, make_batch, score_max
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class CacheSettings:
     device: str = "auto"
     dtype: str = "float32"  # compute precision of the forward pass
     store_dtype: str = "float32"  # precision of the stored MLP inputs x (float16 halves the cache)
-    mode: str = "top_k"  # or "threshold" (needs the merged statistics of pass 1)
+    mode: str = "top_k"  # or "threshold"
+    passes: int = 1  # threshold mode: 1 (max and sample in one exact pass) or 2 (needs the merged pass-1 statistics)
     alpha: float = 0.75
     cap: int = 200
     quantile_bins: int = 0
@@ -197,7 +198,8 @@ def cache_shard(
 ) -> dict[str, Any]:
     """Cache one shard: per layer, each neuron's selected examples with x there, and statistics.
 
-    top_k mode needs nothing else; threshold mode needs the merged pass-1 statistics of each layer.
+    top_k mode and the one-pass threshold mode need nothing else; the two-pass threshold mode needs the merged
+    pass-1 statistics of each layer.
     """
     model, tokenizer, info, device = _load_for_caching(model_dir, layers, settings, trust_remote_code)
     settings = replace(settings, sign=resolve_sign(settings.sign, info))
@@ -209,6 +211,13 @@ def cache_shard(
             accumulators[layer] = TopKAccumulator(
                 info.n_neurons, info.d_model, info.n_projections, settings.top_k, before, after, settings.histogram_stride,
                 x_dtype, sign=settings.sign,
+            )
+        elif settings.mode == "threshold" and settings.passes == 1:
+            if settings.quantile_bins and settings.quantile_per_bin:
+                raise PipelineError("selection.passes: 1 cannot sample selection.quantiles; use passes: 2")
+            accumulators[layer] = OnePassAccumulator(
+                info.n_neurons, info.d_model, info.n_projections, settings.alpha, settings.cap, before, after,
+                settings.seed, settings.histogram_stride, x_dtype, sign=settings.sign,
             )
         elif settings.mode == "threshold":
             if not stats_paths or layer not in stats_paths:

@@ -222,9 +222,24 @@ def check_config(config: dict[str, Any], prepared_model: str | os.PathLike | Non
             raise PipelineError(f"models[{index}] ({entry['name']}): {exc}") from None
     check_corpus(config)
     sel = config["selection"]
+    selection_passes(sel)
     needed = sel["context_before"] + sel["context_after"] + 1
     if needed > 4 * config["corpus"]["window_tokens"] + 1:
         raise PipelineError("selection.context_before/after: the context is far wider than corpus.window_tokens")
+
+
+def selection_passes(selection: dict[str, Any]) -> int:
+    """How many passes over the corpus the threshold selection takes: auto is one, unless quantile bins are asked
+    for, which are fractions of the final max and so need it before the pass that samples them."""
+    quantiles = selection["quantiles"]
+    bins = bool(quantiles["bins"] and quantiles["per_bin"])
+    passes = selection["passes"]
+    if passes == "auto":
+        return 2 if bins else 1
+    if passes == 1 and bins and selection["mode"] == "threshold":
+        raise PipelineError("selection.passes: 1 cannot sample selection.quantiles (their bins are fractions of the "
+                            "final max); use passes: auto or 2")
+    return int(passes)
 
 
 # Snakemake releases whose scheduler may start jobs whose threads add up to more than --cores (upstream issue

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from .checks import selection_passes
 from .errors import PipelineError
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -91,7 +92,7 @@ def cache_settings(config: dict[str, Any], device: str, top_k: int):
         "top_k": top_k, "window_tokens": config["corpus"]["window_tokens"],
         "context_before": sel["context_before"], "context_after": sel["context_after"],
         "mode": sel["mode"], "alpha": sel["alpha"], "cap": sel["cap"],
-        "seed": sel["seed"], "quantile_bins": quantiles["bins"],
+        "seed": sel["seed"], "passes": selection_passes(sel), "quantile_bins": quantiles["bins"],
         "quantile_per_bin": quantiles["per_bin"], "batch_size": act["batch_size"],
         "device": device, "dtype": act["dtype"], "store_dtype": act["store_dtype"],
         "histogram_stride": act["histogram_stride"],
@@ -123,7 +124,7 @@ def calibrate(config: dict[str, Any], model_dir: Path, windows: list[list[int]],
         tokens = sum(len(w) for w in windows[:size])
         stats_paths = None
         settings = cache_settings(config, device, selection_k(config["selection"]))
-        if mode == "threshold":
+        if mode == "threshold" and settings.passes == 2:
             out = {layer: work / f"stats-{size}-{layer}.safetensors" for layer in layers}
             start = time.perf_counter()
             stats_shard(model_dir, shard, layers, out, settings, shard="calibration")
@@ -201,7 +202,7 @@ def stages(config: dict[str, Any], info: dict[str, Any], n_params: int, tokens: 
         Stage("prepare_model", 1, "local", disk_bytes=n_params * 4, note="fp32 safetensors; runs where the hub is"),
         Stage("tokenize_corpus", 1, "CPU", tokens, tokens * 4 + 64 * tokens // max(corpus["window_tokens"], 1)),
     ]
-    if sel["mode"] == "threshold":
+    if sel["mode"] == "threshold" and selection_passes(sel) == 2:
         out.append(Stage("activation_stats", shards, "GPU", tokens, shards * layers * n * (3 * 8 + 40 * 8),
                          job_hours(fits.get("stats")), "pass 1: each neuron's max"))
         out.append(Stage("merge_stats", layers, "CPU", 0, layers * n * (3 * 8 + 40 * 8)))

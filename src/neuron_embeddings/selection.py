@@ -22,7 +22,7 @@ import torch
 from . import schemas
 from .errors import PipelineError
 from .storage import load_tensors, provenance, read_parquet, save_tensors
-from .topk import NO_TOKEN, merge_states, merge_stats, score
+from .topk import empty_entries, merge_candidates, merge_states, merge_stats, score
 
 SELECTION_MODES = ("top_k", "threshold")
 
@@ -48,18 +48,6 @@ def merge_layer_stats(shard_paths: list[str | os.PathLike], out_path: str | os.P
 
 
 PREFIXES = ("", "quantile.")  # the main set, then the quantile bins
-
-
-def empty_entries(state: dict[str, torch.Tensor], prefix: str, off: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Empty the entries of one example set where `off` is true: they rank last and no later stage sees them."""
-    out = dict(state)
-    out[f"{prefix}keys"] = torch.where(off, -torch.inf, state[f"{prefix}keys"])
-    out[f"{prefix}values"] = torch.where(off, -torch.inf, state[f"{prefix}values"])
-    out[f"{prefix}tokens"] = torch.where(off, NO_TOKEN, state[f"{prefix}tokens"])
-    out[f"{prefix}xrow"] = torch.where(off, -1, state[f"{prefix}xrow"])
-    out[f"{prefix}pre"] = torch.where(off[..., None], 0.0, state[f"{prefix}pre"])
-    out[f"{prefix}context"] = torch.where(off[..., None], torch.nan, state[f"{prefix}context"])
-    return out
 
 
 def window_table(corpus_shards: list[str | os.PathLike], window_tokens: int) -> np.ndarray:
@@ -135,9 +123,15 @@ def merge_layer(
     for path, meta in zip(shard_paths, metas):
         if meta["settings"].get("mode", "top_k") != mode:
             raise PipelineError(f"{path}: cached in mode {meta['settings'].get('mode')}, selection asks {mode}")
-    merged = merge_states(states, top_k, quantile_per_bin or None)
     first = metas[0]
     settings = first["settings"]
+    passes = {int(m["settings"].get("passes", 2)) if mode == "threshold" else 1 for m in metas}
+    if len(passes) > 1:
+        raise PipelineError(f"{shard_paths[0]}: shards cached with different selection.passes; rerun the caching")
+    if mode == "threshold" and passes == {1}:
+        merged = merge_candidates(states, top_k, float(settings["alpha"]), settings["sign"])
+    else:
+        merged = merge_states(states, top_k, quantile_per_bin or None)
     windows = window_table(corpus_shards, int(settings["window_tokens"])) if corpus_shards else None
     merged = finalize(merged, settings.get("sign", "positive"), windows, int(settings.get("context_before", 0)),
                       int(settings.get("context_after", 0)))

@@ -218,26 +218,42 @@ class ExampleSet:
 
     @torch.inference_mode()
     def offer(self, batch: Batch, cand_row: torch.Tensor, cand_slot: torch.Tensor, cand_key: torch.Tensor) -> None:
-        """Merge candidate entries (rows into batch.act_flat, their slots and keys) into the kept set.
+        """Merge candidate entries (rows into batch.act_flat, their slots and keys) into the kept set: each
+        touched slot keeps its k best by the canonical ranking.
 
         Only the slots that have candidates are re-ranked and rewritten: once the sets are full that is a few
         slots per batch, so the cost follows the candidates, not the size of the sets.
         """
         if cand_row.numel() == 0:
             return
-        device = batch.act.device
         cand_row, cand_slot, cand_key = cand_row.cpu(), cand_slot.cpu(), cand_key.cpu()
-        k = self.k
-        B, T, N = batch.act.shape
         touched, local = torch.unique(cand_slot, return_inverse=True)
-        n_old = touched.numel() * k
-        slot = torch.cat([torch.arange(touched.numel()).repeat_interleave(k), local])
+        slot, key, token = self._union(batch, touched, local, cand_row, cand_key)
+        keep = canonical_topk(slot, key, token, touched.numel(), self.k)
+        self._rewrite(batch, touched, cand_row, cand_slot, key, token, keep)
+
+    def _union(self, batch: Batch, touched: torch.Tensor, local: torch.Tensor, cand_row: torch.Tensor,
+               cand_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The touched slots' kept entries (at positions t * width + j) followed by the candidates: the local
+        slot, key and token of each."""
+        width = self.keys.shape[1]
+        slot = torch.cat([torch.arange(touched.numel()).repeat_interleave(width), local])
         key = torch.cat([self.keys[touched].reshape(-1), cand_key.double()])
-        token = torch.cat([self.tokens[touched].reshape(-1), batch.tok_flat[cand_row.to(device)].cpu()])
-        keep = canonical_topk(slot, key, token, touched.numel(), k)  # [touched, k] positions into key/token
+        token = torch.cat([self.tokens[touched].reshape(-1), batch.tok_flat[cand_row.to(batch.act.device)].cpu()])
+        return slot, key, token
+
+    def _rewrite(self, batch: Batch, touched: torch.Tensor, cand_row: torch.Tensor, cand_slot: torch.Tensor,
+                 key: torch.Tensor, token: torch.Tensor, keep: torch.Tensor) -> None:
+        """Rewrite the touched slots as `keep` [touched, new width] says: positions into `_union`'s entries, -1
+        for an empty entry. A new width beyond the sets' widens every slot."""
+        width = self.keys.shape[1]
+        n_old = touched.numel() * width
+        empty = keep < 0
         is_new = keep >= n_old
-        if not bool(is_new.any()):
+        if keep.shape[1] == width and not bool(is_new.any()) and bool((keep == self._positions(touched)).all()):
             return
+        device = batch.act.device
+        B, T, N = batch.act.shape
         pick = keep[is_new] - n_old
         sel_flat = cand_row[pick].to(device)  # rows into act_flat
         sel_row = batch.rows[sel_flat]  # rows into the [B*T] batch
@@ -245,8 +261,8 @@ class ExampleSet:
         unique_rows, inverse = torch.unique(sel_row, return_inverse=True)
         self._reserve(unique_rows.numel())  # may compact, which renumbers xrow: before xrow is read
 
-        old = torch.where(is_new, 0, keep)  # an old entry at local position p sits at (touched[p // k], p % k)
-        old_slot, old_col = touched[old // k], old % k
+        old = torch.where(is_new | empty, 0, keep)  # an old entry at union position p sits at (touched[p // width], p % width)
+        old_slot, old_col = touched[old // width], old % width
         values = self.values[old_slot, old_col]
         pre = self.pre[old_slot, old_col]
         ctx = self.context[old_slot, old_col]
@@ -265,12 +281,32 @@ class ExampleSet:
         self._x[self._n_x : self._n_x + unique_rows.numel()] = batch.x.reshape(B * T, -1)[unique_rows].to(self._x.dtype).cpu()
         self._n_x += unique_rows.numel()
 
-        self.keys[touched] = key[keep]
-        self.tokens[touched] = token[keep]
-        self.values[touched] = values
-        self.pre[touched] = pre
-        self.context[touched] = ctx
-        self.xrow[touched] = xrow
+        if keep.shape[1] > width:
+            self._widen(max(keep.shape[1], width + width // 2))  # by half again at least: widening copies all
+        fields = {"keys": key[keep.clamp(min=0)], "tokens": token[keep.clamp(min=0)], "values": values, "pre": pre,
+                  "context": ctx, "xrow": xrow}
+        for name, new in fields.items():
+            filler = self._empty[name]
+            target = getattr(self, name)
+            if keep.shape[1] < target.shape[1]:  # the slot's tail beyond `keep` is empty
+                target[touched, keep.shape[1] :] = filler
+            mask = empty.reshape(*empty.shape, *([1] * (new.dim() - 2)))
+            target[touched, : keep.shape[1]] = torch.where(mask, torch.as_tensor(filler, dtype=new.dtype), new)
+
+    def _positions(self, touched: torch.Tensor) -> torch.Tensor:
+        width = self.keys.shape[1]
+        return torch.arange(touched.numel() * width).view(touched.numel(), width)
+
+    _empty = {"keys": float("-inf"), "tokens": NO_TOKEN, "values": float("-inf"), "pre": 0.0, "context": float("nan"),
+              "xrow": -1}
+
+    def _widen(self, width: int) -> None:
+        """Room for `width` entries in every slot (the one-pass selection's candidates may outgrow k)."""
+        for name, filler in self._empty.items():
+            old = getattr(self, name)
+            wide = torch.full((old.shape[0], width, *old.shape[2:]), filler, dtype=old.dtype)
+            wide[:, : old.shape[1]] = old
+            setattr(self, name, wide)
 
     def _live_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The store rows kept entries point to, and xrow renumbered to index them."""
@@ -304,13 +340,18 @@ class ExampleSet:
         }
 
 
-def merge_sets(states: list[dict[str, torch.Tensor]], k: int, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Merge one example set across shards: the same canonical ranking, x stores joined and compacted."""
+def merge_sets(states: list[dict[str, torch.Tensor]], k: int, prefix: str = "", pad: bool = False) -> dict[str, torch.Tensor]:
+    """Merge one example set across shards: the same canonical ranking, x stores joined and compacted. With `pad`,
+    sets narrower than k together are padded with empty entries (else that is an error: caches too shallow)."""
     get = lambda s, name: s[f"{prefix}{name}"]  # noqa: E731
+    width = sum(get(s, "keys").shape[1] for s in states)
+    if width < k:
+        if not pad:
+            raise PipelineError(f"selection asks {k} examples per neuron, but the caches hold only {width}")
+        states = [*states, empty_set(get(states[0], "keys").shape[0], k - width, get(states[0], "pre").shape[2],
+                                     get(states[0], "context").shape[2], get(states[0], "x"), prefix)]
     keys = torch.cat([get(s, "keys") for s in states], dim=1)
     n_slots, width = keys.shape
-    if width < k:
-        raise PipelineError(f"selection asks {k} examples per neuron, but the caches hold only {width}")
     slot = torch.arange(n_slots).repeat_interleave(width)
     tokens = torch.cat([get(s, "tokens") for s in states], dim=1)
     keep = canonical_topk(slot, keys.reshape(-1), tokens.reshape(-1), n_slots, k)
@@ -331,6 +372,31 @@ def merge_sets(states: list[dict[str, torch.Tensor]], k: int, prefix: str = "") 
     merged.xrow = take(torch.cat(xrows, dim=1))
     merged.x_store = torch.cat([get(s, "x") for s in states])
     return merged.state(prefix)
+
+
+def empty_set(n_slots: int, width: int, n_proj: int, n_context: int, like_x: torch.Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
+    """An example set of `width` empty entries per slot (they rank after every real one)."""
+    return {
+        f"{prefix}keys": torch.full((n_slots, width), float("-inf"), dtype=torch.float64),
+        f"{prefix}values": torch.full((n_slots, width), float("-inf")),
+        f"{prefix}tokens": torch.full((n_slots, width), NO_TOKEN, dtype=torch.int64),
+        f"{prefix}pre": torch.zeros((n_slots, width, n_proj)),
+        f"{prefix}context": torch.full((n_slots, width, n_context), float("nan")),
+        f"{prefix}xrow": torch.full((n_slots, width), -1, dtype=torch.int64),
+        f"{prefix}x": like_x[:0],
+    }
+
+
+def empty_entries(state: dict[str, torch.Tensor], prefix: str, off: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Empty the entries of one example set where `off` is true: they rank last and no later stage sees them."""
+    out = dict(state)
+    out[f"{prefix}keys"] = torch.where(off, -torch.inf, state[f"{prefix}keys"])
+    out[f"{prefix}values"] = torch.where(off, -torch.inf, state[f"{prefix}values"])
+    out[f"{prefix}tokens"] = torch.where(off, NO_TOKEN, state[f"{prefix}tokens"])
+    out[f"{prefix}xrow"] = torch.where(off, -1, state[f"{prefix}xrow"])
+    out[f"{prefix}pre"] = torch.where(off[..., None], 0.0, state[f"{prefix}pre"])
+    out[f"{prefix}context"] = torch.where(off[..., None], torch.nan, state[f"{prefix}context"])
+    return out
 
 
 class TopKAccumulator:
@@ -421,6 +487,191 @@ class ThresholdAccumulator:
         if self.quantiles is not None:
             state.update(self.quantiles.state("quantile."))
         return state
+
+
+def entry_scores(values: torch.Tensor, sign: str) -> torch.Tensor:
+    """What a selection of `sign` ranks stored entries by; -inf for an empty entry (its value is -inf)."""
+    return torch.where(torch.isfinite(values), score(values, sign), float("-inf"))
+
+
+INITIAL_WIDTH = 8
+DENSE_CHUNK = 1 << 22  # elements of the dense comparison matrices built at a time (a few MB)
+
+
+def dominators(score: torch.Tensor, cap: int) -> torch.Tensor:
+    """The scores of [slots, m] entries, each slot in canonical order (key descending, then token): how many
+    entries before each one in its slot have a score at least as high, counted up to `cap`.
+
+    An entry with `cap` such dominators can never be in the final sample: whenever its score clears the final
+    floor, theirs do too, and they come first."""
+    n_slots, m = score.shape
+    counts = torch.zeros((n_slots, m), dtype=torch.int64)
+    if m == 0:
+        return counts
+    earlier = torch.ones((m, m), dtype=torch.bool).tril(-1)  # [j, j']: j' ranks before j
+    step = max(1, DENSE_CHUNK // (m * m))
+    for lo in range(0, n_slots, step):
+        s = score[lo : lo + step]
+        counts[lo : lo + step] = ((s[:, None, :] >= s[:, :, None]) & earlier).sum(-1)
+    return counts.clamp(max=cap)
+
+
+def skyline(slot: torch.Tensor, key: torch.Tensor, token: torch.Tensor, score: torch.Tensor, n_slots: int, cap: int,
+            floor: torch.Tensor) -> torch.Tensor:
+    """Positions into the flat inputs of each slot's entries that may still be in the final sample, [n_slots, width]
+    in canonical order, -1 past a slot's last: those with score >= floor (the running alpha x max) and fewer than
+    `cap` entries of higher rank and at least their score. Dropping the others never changes the final sample,
+    whatever comes later (see `OnePassAccumulator`)."""
+    order = torch.argsort(token, stable=True)
+    order = order[torch.argsort(-key[order], stable=True)]
+    order = order[torch.argsort(slot[order], stable=True)]
+    counts = torch.bincount(slot, minlength=n_slots)
+    starts = torch.cumsum(counts, 0) - counts
+    m = int(counts.max()) if counts.numel() else 0
+    col = torch.arange(order.numel()) - starts[slot[order]]
+    scores = torch.full((n_slots, m), float("-inf"))
+    scores[slot[order], col] = score[order].float()
+    where = torch.full((n_slots, m), -1, dtype=torch.int64)
+    where[slot[order], col] = order
+    alive = (where >= 0) & (scores >= floor[:, None])
+    crowded = (counts > cap).nonzero(as_tuple=True)[0]  # only a slot of more than cap entries can drop any
+    if crowded.numel():
+        alive[crowded] &= dominators(scores[crowded], cap) < cap
+    width = int(alive.sum(1).max()) if m else 0
+    keep = torch.full((n_slots, width), -1, dtype=torch.int64)
+    rows = torch.arange(n_slots)[:, None].expand(n_slots, m)
+    keep[rows[alive], (torch.cumsum(alive, 1) - 1)[alive]] = where[alive]
+    return keep
+
+
+class CandidateSet(ExampleSet):
+    """The one-pass threshold selection's candidates: per neuron, every entry that may still be in the final
+    sample (`skyline`), however many that is; slots widen as needed."""
+
+    def __init__(self, n_neurons: int, d_model: int, n_proj: int, cap: int, offsets: torch.Tensor, sign: str,
+                 x_dtype: torch.dtype = torch.float32):
+        # Narrow to start with: most neurons keep a handful of candidates, and slots widen when one needs it.
+        super().__init__(n_neurons, 1, d_model, n_proj, min(cap, INITIAL_WIDTH), offsets, x_dtype)
+        self.cap, self.sign = cap, sign
+
+    def scores(self, slots: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        return entry_scores(self.values[slots], self.sign)
+
+    def drop_below(self, floor: torch.Tensor) -> None:
+        """Empty the candidates whose score fell below their neuron's (risen) floor."""
+        off = self.scores() < floor[:, None]
+        off &= torch.isfinite(self.values)
+        if bool(off.any()):
+            for name, value in empty_entries(self.__dict__, "", off).items():
+                if name in self._empty:
+                    setattr(self, name, value)
+
+    @torch.inference_mode()
+    def offer_candidates(self, batch: Batch, row: torch.Tensor, neuron: torch.Tensor, key: torch.Tensor,
+                         score: torch.Tensor, floor: torch.Tensor) -> None:
+        """Entries at or above the floor (rows into batch.act_flat, neurons, keys, scores) join the candidates,
+        and whatever they make hopeless leaves."""
+        row, neuron, key, score = row.cpu(), neuron.cpu(), key.cpu().double(), score.cpu().float()
+        token = batch.tok_flat[row.to(batch.act.device)].cpu()
+        # Most entries of a long stream are already hopeless against the kept candidates: drop those first,
+        # against each neuron's few hundred candidates, before the denser ranking of what is left.
+        hopeless = torch.zeros(row.numel(), dtype=torch.bool)
+        width = self.keys.shape[1]
+        if width >= self.cap:  # only a neuron with cap candidates can make an entry hopeless
+            full = (torch.isfinite(self.values).sum(1) >= self.cap)[neuron].nonzero(as_tuple=True)[0]
+            step = max(1, DENSE_CHUNK // width)
+            for lo in range(0, full.numel(), step):
+                at = full[lo : lo + step]
+                n, k, t = neuron[at], key[at, None], token[at, None]
+                kept_key = self.keys[n]
+                ahead = (kept_key > k) | ((kept_key == k) & (self.tokens[n] < t))
+                hopeless[at] = ((self.scores(n) >= score[at, None]) & ahead).sum(1) >= self.cap
+        live = ~hopeless
+        if not bool(live.any()):
+            return
+        row, neuron, key, score = row[live], neuron[live], key[live], score[live]
+        touched, local = torch.unique(neuron, return_inverse=True)
+        slot, union_key, union_token = self._union(batch, touched, local, row, key)
+        union_score = torch.cat([self.scores(touched).reshape(-1), score])
+        present = torch.isfinite(union_score).nonzero(as_tuple=True)[0]  # a slot's empty entries stay out
+        keep = skyline(slot[present], union_key[present], union_token[present], union_score[present], touched.numel(),
+                       self.cap, floor[touched])
+        keep = torch.where(keep >= 0, present[keep.clamp(min=0)], -1)
+        self._rewrite(batch, touched, row, neuron, union_key, union_token, keep)
+
+    def state(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The candidates, each slot in canonical order, as narrow as the fullest slot allows."""
+        width = int(torch.isfinite(self.values).sum(1).max()) if self.values.numel() else 0
+        n = self.keys.shape[0]
+        slot = torch.arange(n).repeat_interleave(self.keys.shape[1])
+        keep = canonical_topk(slot, self.keys.reshape(-1), self.tokens.reshape(-1), n, max(width, 1))
+        for name in self._empty:
+            value = getattr(self, name)
+            setattr(self, name, value.reshape(-1, *value.shape[2:])[keep])
+        return super().state(prefix)
+
+
+class OnePassAccumulator:
+    """threshold mode in one pass: the same sample as the two passes (ThresholdAccumulator after pass 1's max),
+    exactly, with the statistics of pass 1 computed alongside.
+
+    The final sample of a neuron is the `cap` entries of highest key (lowest priority, then lowest token) among
+    those with score >= alpha x the final max. While streaming, an entry is dropped for good once it is below
+    alpha x the running max (the final floor is at least that), or once `cap` other candidates both rank above it
+    and score at least as high: whenever it would clear the final floor, they would too, and come first. An entry
+    dropped for the second reason has `cap` dominators that stay candidates (each dropped dominator has `cap` of
+    its own, which dominate it too), so the survivors always hold the final sample. What survives depends only on
+    the entries (not their order or batching), and each shard's survivors merge exactly (`merge_candidates`).
+
+    The candidates of a neuron whose scores and priorities are independent number about cap x (1 + ln(n / cap))
+    for n eligible entries: a few times cap, against the two passes' cap but a second forward pass.
+    """
+
+    def __init__(
+        self, n_neurons: int, d_model: int, n_proj: int, alpha: float, cap: int, context_before: int,
+        context_after: int, seed: int = 0, histogram_stride: int = 8, x_dtype: torch.dtype = torch.float32,
+        sign: str = "positive",
+    ):
+        offsets = torch.arange(-context_before, context_after + 1)
+        self.alpha, self.seed, self.sign = alpha, seed, sign
+        self.stats = Stats(n_neurons, histogram_stride)
+        self.examples = CandidateSet(n_neurons, d_model, n_proj, cap, offsets, sign, x_dtype)
+
+    def floor(self) -> torch.Tensor:
+        running = score_max({"stat_max": self.stats.max, "stat_min": self.stats.min}, self.sign)
+        return eligibility_floor(running, self.alpha)
+
+    def update(self, act, pre, x, valid, token_index, where: str = "", unit_valid=None) -> None:
+        batch = make_batch(act, pre, x, valid, token_index, where, self.sign, unit_valid)
+        if batch is None:
+            return
+        self.stats.update(batch, where)
+        floor = self.floor()
+        self.examples.drop_below(floor)
+        a = batch.score_flat
+        on_device = floor.to(a.device)
+        if batch.masked:  # an entry that cannot be an example (-inf) never qualifies
+            on_device = on_device.clamp(min=torch.finfo(torch.float32).min)
+        row, neuron = (a >= on_device[None, :]).nonzero(as_tuple=True)
+        if row.numel() == 0:
+            return
+        key = -priority(batch.tok_flat[row], neuron, self.seed)  # the two passes' key: lowest priority first
+        self.examples.offer_candidates(batch, row, neuron, key, a[row, neuron], floor)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**self.examples.state(), **self.stats.state()}
+
+
+def merge_candidates(states: list[dict[str, torch.Tensor]], cap: int, alpha: float, sign: str) -> dict[str, torch.Tensor]:
+    """The one-pass shards of a layer merged into the final sample: every shard's candidates below the final
+    floor (alpha x the merged max) dropped, then the cap of highest key. Equal to the two passes' merge."""
+    stats = merge_stats(states)
+    floor = eligibility_floor(score_max(stats, sign), alpha)
+    qualified = []
+    for state in states:
+        below = (entry_scores(state["values"], sign) < floor[:, None]) & torch.isfinite(state["values"])
+        qualified.append(empty_entries(state, "", below))
+    return {**merge_sets(qualified, cap, pad=True), **stats}
 
 
 def merge_states(states: list[dict[str, torch.Tensor]], k: int, quantile_k: int | None = None) -> dict[str, torch.Tensor]:

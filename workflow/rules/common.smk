@@ -15,6 +15,7 @@ from neuron_embeddings.checks import (
     check_config,
     model_entries,
     scheduler_warning,
+    selection_passes,
     threshold_for,
     tokenizer_key,
     validate_config,
@@ -151,6 +152,8 @@ def comparison_targets():
 
 SELECTION = config["selection"]
 SELECTION_MODE = SELECTION["mode"]
+# The threshold mode's pass 1 (activation_stats, merge_stats) runs only when it takes two passes.
+TWO_PASSES = SELECTION_MODE == "threshold" and selection_passes(SELECTION) == 2
 
 
 def cache_selection_params():
@@ -169,6 +172,7 @@ def cache_selection_params():
         "alpha": SELECTION["alpha"],
         "cap": SELECTION["cap"],
         "seed": SELECTION["seed"],
+        "passes": selection_passes(SELECTION),
         "quantile_bins": quantiles["bins"],
         "quantile_per_bin": quantiles["per_bin"],
     }
@@ -296,7 +300,7 @@ def cache_selection(wildcards):
 
 
 def group_stats(wildcards):
-    if SELECTION_MODE != "threshold":
+    if not TWO_PASSES:
         return []
     return [f"results/{wildcards.run}/stats/layer-{layer}.safetensors" for layer in group_layers(wildcards.group)]
 

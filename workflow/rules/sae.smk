@@ -108,7 +108,7 @@ use rule sae_activation_stats as cache_sae with:
         shard=f"{RUN}/corpus/shard-{{shard}}.parquet",
         cfgs=expand(f"{SAE_DIR}/{{name}}/cfg.json", name=SAE_NAMES),
         weights=expand(f"{SAE_DIR}/{{name}}/sae_weights.safetensors", name=SAE_NAMES),
-        stats=expand(f"{SAE_DIR}/{{name}}/stats.safetensors", name=SAE_NAMES) if SELECTION_MODE == "threshold" else [],
+        stats=expand(f"{SAE_DIR}/{{name}}/stats.safetensors", name=SAE_NAMES) if TWO_PASSES else [],
     output:
         per_sae=expand(f"{SAE_DIR}/{{name}}/activations/shard-{{{{shard}}}}.safetensors", name=SAE_NAMES),
     log:

@@ -15,9 +15,9 @@ import torch
 from ..activations import CacheSettings, StatsOnly, stream_shard
 from ..errors import PipelineError
 from ..models import DTYPES
-from ..selection import PREFIXES, empty_entries
+from ..selection import PREFIXES
 from ..storage import load_tensors, provenance, save_tensors
-from ..topk import ThresholdAccumulator, TopKAccumulator
+from ..topk import OnePassAccumulator, ThresholdAccumulator, TopKAccumulator, empty_entries
 from .model import SparseAutoencoder, check_fits
 from .saelens_io import load_sae
 from .streaming import load_model
@@ -87,6 +87,9 @@ def cache_sae_shard(
         elif settings.mode == "top_k":
             acc = TopKAccumulator(sae.d_sae, sae.d_in, 1, settings.top_k, before, after, settings.histogram_stride,
                                   DTYPES[settings.store_dtype])
+        elif settings.mode == "threshold" and settings.passes == 1:
+            acc = OnePassAccumulator(sae.d_sae, sae.d_in, 1, settings.alpha, settings.cap, before, after, settings.seed,
+                                     settings.histogram_stride, DTYPES[settings.store_dtype])
         elif settings.mode == "threshold":
             if not stats_paths or name not in stats_paths:
                 raise PipelineError(f"selection.mode: threshold needs the merged statistics of SAE '{name}'")
