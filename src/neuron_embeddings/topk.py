@@ -227,86 +227,59 @@ class ExampleSet:
         if cand_row.numel() == 0:
             return
         cand_row, cand_slot, cand_key = cand_row.cpu(), cand_slot.cpu(), cand_key.cpu()
+        k = self.k
         touched, local = torch.unique(cand_slot, return_inverse=True)
-        slot, key, token = self._union(batch, touched, local, cand_row, cand_key)
-        keep = canonical_topk(slot, key, token, touched.numel(), self.k)
-        self._rewrite(batch, touched, cand_row, cand_slot, key, token, keep)
-
-    def _union(self, batch: Batch, touched: torch.Tensor, local: torch.Tensor, cand_row: torch.Tensor,
-               cand_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The touched slots' kept entries (at positions t * width + j) followed by the candidates: the local
-        slot, key and token of each."""
-        width = self.keys.shape[1]
-        slot = torch.cat([torch.arange(touched.numel()).repeat_interleave(width), local])
+        n_old = touched.numel() * k
+        slot = torch.cat([torch.arange(touched.numel()).repeat_interleave(k), local])
         key = torch.cat([self.keys[touched].reshape(-1), cand_key.double()])
         token = torch.cat([self.tokens[touched].reshape(-1), batch.tok_flat[cand_row.to(batch.act.device)].cpu()])
-        return slot, key, token
-
-    def _rewrite(self, batch: Batch, touched: torch.Tensor, cand_row: torch.Tensor, cand_slot: torch.Tensor,
-                 key: torch.Tensor, token: torch.Tensor, keep: torch.Tensor) -> None:
-        """Rewrite the touched slots as `keep` [touched, new width] says: positions into `_union`'s entries, -1
-        for an empty entry. A new width beyond the sets' widens every slot."""
-        width = self.keys.shape[1]
-        n_old = touched.numel() * width
-        empty = keep < 0
+        keep = canonical_topk(slot, key, token, touched.numel(), k)  # [touched, k] positions into key/token
         is_new = keep >= n_old
-        if keep.shape[1] == width and not bool(is_new.any()) and bool((keep == self._positions(touched)).all()):
+        if not bool(is_new.any()):
             return
-        device = batch.act.device
-        B, T, N = batch.act.shape
         pick = keep[is_new] - n_old
-        sel_flat = cand_row[pick].to(device)  # rows into act_flat
-        sel_row = batch.rows[sel_flat]  # rows into the [B*T] batch
-        sel_neuron = (cand_slot[pick] // self.per_neuron).to(device)
-        unique_rows, inverse = torch.unique(sel_row, return_inverse=True)
-        self._reserve(unique_rows.numel())  # may compact, which renumbers xrow: before xrow is read
+        new_values, new_pre, new_ctx, new_xrow = self._capture(batch, cand_row[pick], cand_slot[pick])
 
-        old = torch.where(is_new | empty, 0, keep)  # an old entry at union position p sits at (touched[p // width], p % width)
-        old_slot, old_col = touched[old // width], old % width
+        old = torch.where(is_new, 0, keep)  # an old entry at local position p sits at (touched[p // k], p % k)
+        old_slot, old_col = touched[old // k], old % k
         values = self.values[old_slot, old_col]
         pre = self.pre[old_slot, old_col]
         ctx = self.context[old_slot, old_col]
         xrow = self.xrow[old_slot, old_col]
+        values[is_new], pre[is_new], ctx[is_new], xrow[is_new] = new_values, new_pre, new_ctx, new_xrow
 
-        values[is_new] = batch.act_flat[sel_flat, sel_neuron].cpu()
-        pre[is_new] = torch.stack([p.reshape(B * T, N)[sel_row, sel_neuron] for p in batch.pre], dim=-1).float().cpu()
+        self.keys[touched] = key[keep]
+        self.tokens[touched] = token[keep]
+        self.values[touched] = values
+        self.pre[touched] = pre
+        self.context[touched] = ctx
+        self.xrow[touched] = xrow
+
+    def _capture(self, batch: Batch, cand_row: torch.Tensor, cand_slot: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the sets keep of new entries (rows into batch.act_flat, their slots): value, pre-activations,
+        context and a store row, the batch's x rows appended to the store. Call before reading self.xrow: making
+        room may compact the store, which renumbers it."""
+        device = batch.act.device
+        B, T, N = batch.act.shape
+        sel_flat = cand_row.to(device)  # rows into act_flat
+        sel_row = batch.rows[sel_flat]  # rows into the [B*T] batch
+        sel_neuron = (cand_slot // self.per_neuron).to(device)
+        unique_rows, inverse = torch.unique(sel_row, return_inverse=True)
+        self._reserve(unique_rows.numel())
+        values = batch.act_flat[sel_flat, sel_neuron].cpu()
+        pre = torch.stack([p.reshape(B * T, N)[sel_row, sel_neuron] for p in batch.pre], dim=-1).float().cpu()
         b, p = sel_row // T, sel_row % T
         pos = p[:, None] + self.offsets.to(device)[None, :]
         inside = (pos >= 0) & (pos < T)
         pos_c = pos.clamp(0, T - 1)
         around = batch.act[b[:, None], pos_c, sel_neuron[:, None]].float()
         ok = inside & batch.valid[b[:, None], pos_c]
-        ctx[is_new] = torch.where(ok, around, torch.full_like(around, float("nan"))).cpu()
-        xrow[is_new] = self._n_x + inverse.cpu()
+        ctx = torch.where(ok, around, torch.full_like(around, float("nan"))).cpu()
+        xrow = self._n_x + inverse.cpu()
         self._x[self._n_x : self._n_x + unique_rows.numel()] = batch.x.reshape(B * T, -1)[unique_rows].to(self._x.dtype).cpu()
         self._n_x += unique_rows.numel()
-
-        if keep.shape[1] > width:
-            self._widen(max(keep.shape[1], width + width // 2))  # by half again at least: widening copies all
-        fields = {"keys": key[keep.clamp(min=0)], "tokens": token[keep.clamp(min=0)], "values": values, "pre": pre,
-                  "context": ctx, "xrow": xrow}
-        for name, new in fields.items():
-            filler = self._empty[name]
-            target = getattr(self, name)
-            if keep.shape[1] < target.shape[1]:  # the slot's tail beyond `keep` is empty
-                target[touched, keep.shape[1] :] = filler
-            mask = empty.reshape(*empty.shape, *([1] * (new.dim() - 2)))
-            target[touched, : keep.shape[1]] = torch.where(mask, torch.as_tensor(filler, dtype=new.dtype), new)
-
-    def _positions(self, touched: torch.Tensor) -> torch.Tensor:
-        width = self.keys.shape[1]
-        return torch.arange(touched.numel() * width).view(touched.numel(), width)
-
-    _empty = {"keys": float("-inf"), "tokens": NO_TOKEN, "values": float("-inf"), "pre": 0.0, "context": float("nan"),
-              "xrow": -1}
-
-    def _widen(self, width: int) -> None:
-        """Room for `width` entries in every slot (the one-pass selection's candidates may outgrow k)."""
-        for name, filler in self._empty.items():
-            old = getattr(self, name)
-            wide = torch.full((old.shape[0], width, *old.shape[2:]), filler, dtype=old.dtype)
-            wide[:, : old.shape[1]] = old
-            setattr(self, name, wide)
+        return values, pre, ctx, xrow
 
     def _live_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The store rows kept entries point to, and xrow renumbered to index them."""
@@ -562,9 +535,7 @@ class CandidateSet(ExampleSet):
         off = self.scores() < floor[:, None]
         off &= torch.isfinite(self.values)
         if bool(off.any()):
-            for name, value in empty_entries(self.__dict__, "", off).items():
-                if name in self._empty:
-                    setattr(self, name, value)
+            self._empty_at(*off.nonzero(as_tuple=True))
 
     @torch.inference_mode()
     def offer_candidates(self, batch: Batch, row: torch.Tensor, neuron: torch.Tensor, key: torch.Tensor,
@@ -589,15 +560,66 @@ class CandidateSet(ExampleSet):
         live = ~hopeless
         if not bool(live.any()):
             return
-        row, neuron, key, score = row[live], neuron[live], key[live], score[live]
+        row, neuron, key, score, token = row[live], neuron[live], key[live], score[live], token[live]
         touched, local = torch.unique(neuron, return_inverse=True)
-        slot, union_key, union_token = self._union(batch, touched, local, row, key)
+        width = self.keys.shape[1]
+        n_old = touched.numel() * width
         union_score = torch.cat([self.scores(touched).reshape(-1), score])
+        union_key = torch.cat([self.keys[touched].reshape(-1), key])
+        union_token = torch.cat([self.tokens[touched].reshape(-1), token])
+        slot = torch.cat([torch.arange(touched.numel()).repeat_interleave(width), local])
         present = torch.isfinite(union_score).nonzero(as_tuple=True)[0]  # a slot's empty entries stay out
         keep = skyline(slot[present], union_key[present], union_token[present], union_score[present], touched.numel(),
                        self.cap, floor[touched])
-        keep = torch.where(keep >= 0, present[keep.clamp(min=0)], -1)
-        self._rewrite(batch, touched, row, neuron, union_key, union_token, keep)
+        alive = torch.zeros(slot.numel(), dtype=torch.bool)
+        alive[present[keep[keep >= 0]]] = True
+        # In place: a candidate that stays never moves, one that leaves becomes an empty entry, and the new ones
+        # fill empty entries of their slot, so the cost follows the entries that change, not the slots' width.
+        gone = (~alive[:n_old] & torch.isfinite(union_score[:n_old])).view(touched.numel(), width)
+        if bool(gone.any()):
+            self._empty_at(touched[:, None].expand_as(gone)[gone], gone.nonzero(as_tuple=True)[1])
+        arrive = alive[n_old:].nonzero(as_tuple=True)[0]
+        if arrive.numel() == 0:
+            return
+        values, pre, ctx, xrow = self._capture(batch, row[arrive], neuron[arrive])
+        need = torch.bincount(local[arrive], minlength=touched.numel())
+        free = ~torch.isfinite(self.values[touched])
+        short = int((need - free.sum(1)).max())
+        if short > 0:
+            self._widen(max(width + short, width + width // 2))  # by half again at least: widening copies all
+            free = ~torch.isfinite(self.values[touched])
+        # the r-th arriving entry of a slot takes the slot's r-th empty entry
+        free_rank = torch.cumsum(free, 1) - 1
+        column = torch.full((touched.numel(), int(need.max())), -1, dtype=torch.int64)
+        usable = free & (free_rank < need[:, None])
+        column[usable.nonzero(as_tuple=True)[0], free_rank[usable]] = usable.nonzero(as_tuple=True)[1]
+        arrive_slot = local[arrive]  # arrive is in input order; rank each within its slot
+        order = torch.argsort(arrive_slot, stable=True)
+        starts = torch.cumsum(need, 0) - need
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel()) - starts[arrive_slot[order]]
+        at_row, at_col = touched[arrive_slot], column[arrive_slot, rank]
+        self.keys[at_row, at_col] = key[arrive]
+        self.tokens[at_row, at_col] = token[arrive]
+        self.values[at_row, at_col] = values
+        self.pre[at_row, at_col] = pre
+        self.context[at_row, at_col] = ctx
+        self.xrow[at_row, at_col] = xrow
+
+    _empty = {"keys": float("-inf"), "tokens": NO_TOKEN, "values": float("-inf"), "pre": 0.0, "context": float("nan"),
+              "xrow": -1}
+
+    def _widen(self, width: int) -> None:
+        """Room for `width` entries in every slot."""
+        for name, filler in self._empty.items():
+            old = getattr(self, name)
+            wide = torch.full((old.shape[0], width, *old.shape[2:]), filler, dtype=old.dtype)
+            wide[:, : old.shape[1]] = old
+            setattr(self, name, wide)
+
+    def _empty_at(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        for name, filler in self._empty.items():
+            getattr(self, name)[rows, cols] = filler
 
     def state(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The candidates, each slot in canonical order, as narrow as the fullest slot allows."""
@@ -641,6 +663,7 @@ class OnePassAccumulator:
         running = score_max({"stat_max": self.stats.max, "stat_min": self.stats.min}, self.sign)
         return eligibility_floor(running, self.alpha)
 
+    @torch.inference_mode()
     def update(self, act, pre, x, valid, token_index, where: str = "", unit_valid=None) -> None:
         batch = make_batch(act, pre, x, valid, token_index, where, self.sign, unit_valid)
         if batch is None:
