@@ -526,16 +526,20 @@ class CandidateSet(ExampleSet):
         # Narrow to start with: most neurons keep a handful of candidates, and slots widen when one needs it.
         super().__init__(n_neurons, 1, d_model, n_proj, min(cap, INITIAL_WIDTH), offsets, x_dtype)
         self.cap, self.sign = cap, sign
+        self.count = torch.zeros(n_neurons, dtype=torch.int64)  # candidates per neuron
 
     def scores(self, slots: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         return entry_scores(self.values[slots], self.sign)
 
-    def drop_below(self, floor: torch.Tensor) -> None:
-        """Empty the candidates whose score fell below their neuron's (risen) floor."""
-        off = self.scores() < floor[:, None]
-        off &= torch.isfinite(self.values)
+    def drop_below(self, floor: torch.Tensor, risen: torch.Tensor) -> None:
+        """Empty the candidates of the neurons `risen` (indices) whose score fell below their neuron's floor."""
+        if risen.numel() == 0:
+            return
+        off = self.scores(risen) < floor[risen, None]
+        off &= torch.isfinite(self.values[risen])
         if bool(off.any()):
-            self._empty_at(*off.nonzero(as_tuple=True))
+            rows, cols = off.nonzero(as_tuple=True)
+            self._empty_at(risen[rows], cols)
 
     @torch.inference_mode()
     def offer_candidates(self, batch: Batch, row: torch.Tensor, neuron: torch.Tensor, key: torch.Tensor,
@@ -549,7 +553,7 @@ class CandidateSet(ExampleSet):
         hopeless = torch.zeros(row.numel(), dtype=torch.bool)
         width = self.keys.shape[1]
         if width >= self.cap:  # only a neuron with cap candidates can make an entry hopeless
-            full = (torch.isfinite(self.values).sum(1) >= self.cap)[neuron].nonzero(as_tuple=True)[0]
+            full = (self.count >= self.cap)[neuron].nonzero(as_tuple=True)[0]
             step = max(1, DENSE_CHUNK // width)
             for lo in range(0, full.numel(), step):
                 at = full[lo : lo + step]
@@ -605,6 +609,7 @@ class CandidateSet(ExampleSet):
         self.pre[at_row, at_col] = pre
         self.context[at_row, at_col] = ctx
         self.xrow[at_row, at_col] = xrow
+        self.count[touched] += need
 
     _empty = {"keys": float("-inf"), "tokens": NO_TOKEN, "values": float("-inf"), "pre": 0.0, "context": float("nan"),
               "xrow": -1}
@@ -618,6 +623,7 @@ class CandidateSet(ExampleSet):
             setattr(self, name, wide)
 
     def _empty_at(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        self.count -= torch.bincount(rows, minlength=self.count.numel())
         for name, filler in self._empty.items():
             getattr(self, name)[rows, cols] = filler
 
@@ -658,6 +664,7 @@ class OnePassAccumulator:
         self.alpha, self.seed, self.sign = alpha, seed, sign
         self.stats = Stats(n_neurons, histogram_stride)
         self.examples = CandidateSet(n_neurons, d_model, n_proj, cap, offsets, sign, x_dtype)
+        self.last_floor = torch.full((n_neurons,), float("-inf"))
 
     def floor(self) -> torch.Tensor:
         running = score_max({"stat_max": self.stats.max, "stat_min": self.stats.min}, self.sign)
@@ -670,7 +677,9 @@ class OnePassAccumulator:
             return
         self.stats.update(batch, where)
         floor = self.floor()
-        self.examples.drop_below(floor)
+        # a neuron's max changes rarely after the first batches: only those whose floor rose are checked
+        self.examples.drop_below(floor, (floor > self.last_floor).nonzero(as_tuple=True)[0])
+        self.last_floor = floor
         a = batch.score_flat
         on_device = floor.to(a.device)
         if batch.masked:  # an entry that cannot be an example (-inf) never qualifies
