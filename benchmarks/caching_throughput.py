@@ -123,6 +123,7 @@ def saturate(examples) -> None:
     if hasattr(examples, "cap"):
         examples.values.fill_(torch.finfo(torch.float32).max)
         examples.tokens.copy_(torch.arange(examples.tokens.shape[1]).expand_as(examples.tokens))
+        examples.count.fill_(examples.tokens.shape[1])
 
 
 def changed(tokens: torch.Tensor, before: torch.Tensor) -> int:

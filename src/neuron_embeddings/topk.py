@@ -567,22 +567,33 @@ class CandidateSet(ExampleSet):
         row, neuron, key, score, token = row[live], neuron[live], key[live], score[live], token[live]
         touched, local = torch.unique(neuron, return_inverse=True)
         width = self.keys.shape[1]
-        n_old = touched.numel() * width
-        union_score = torch.cat([self.scores(touched).reshape(-1), score])
-        union_key = torch.cat([self.keys[touched].reshape(-1), key])
-        union_token = torch.cat([self.tokens[touched].reshape(-1), token])
-        slot = torch.cat([torch.arange(touched.numel()).repeat_interleave(width), local])
-        present = torch.isfinite(union_score).nonzero(as_tuple=True)[0]  # a slot's empty entries stay out
-        keep = skyline(slot[present], union_key[present], union_token[present], union_score[present], touched.numel(),
-                       self.cap, floor[touched])
-        alive = torch.zeros(slot.numel(), dtype=torch.bool)
-        alive[present[keep[keep >= 0]]] = True
-        # In place: a candidate that stays never moves, one that leaves becomes an empty entry, and the new ones
-        # fill empty entries of their slot, so the cost follows the entries that change, not the slots' width.
-        gone = (~alive[:n_old] & torch.isfinite(union_score[:n_old])).view(touched.numel(), width)
-        if bool(gone.any()):
-            self._empty_at(touched[:, None].expand_as(gone)[gone], gone.nonzero(as_tuple=True)[1])
-        arrive = alive[n_old:].nonzero(as_tuple=True)[0]
+        # A neuron that will hold at most cap candidates drops none: its new entries simply join. Only the crowded
+        # ones are ranked (`skyline`) over their candidates and new entries together.
+        joins = (self.count[touched] + torch.bincount(local, minlength=touched.numel())) <= self.cap
+        arriving = joins[local]
+        crowded = (~joins).nonzero(as_tuple=True)[0]
+        if crowded.numel():
+            mine = (~arriving).nonzero(as_tuple=True)[0]  # the new entries of crowded neurons
+            at = torch.full((touched.numel(),), -1, dtype=torch.int64)
+            at[crowded] = torch.arange(crowded.numel())
+            rows = touched[crowded]
+            n_old = crowded.numel() * width
+            union_score = torch.cat([self.scores(rows).reshape(-1), score[mine]])
+            union_key = torch.cat([self.keys[rows].reshape(-1), key[mine]])
+            union_token = torch.cat([self.tokens[rows].reshape(-1), token[mine]])
+            slot = torch.cat([torch.arange(crowded.numel()).repeat_interleave(width), at[local[mine]]])
+            present = torch.isfinite(union_score).nonzero(as_tuple=True)[0]  # a slot's empty entries stay out
+            keep = skyline(slot[present], union_key[present], union_token[present], union_score[present],
+                           crowded.numel(), self.cap, floor[rows])
+            alive = torch.zeros(slot.numel(), dtype=torch.bool)
+            alive[present[keep[keep >= 0]]] = True
+            # In place: a candidate that stays never moves, one that leaves becomes an empty entry, and the new
+            # ones fill empty entries of their slot, so the cost follows the entries that change, not the width.
+            gone = (~alive[:n_old] & torch.isfinite(union_score[:n_old])).view(crowded.numel(), width)
+            if bool(gone.any()):
+                self._empty_at(rows[:, None].expand_as(gone)[gone], gone.nonzero(as_tuple=True)[1])
+            arriving[mine] = alive[n_old:]
+        arrive = arriving.nonzero(as_tuple=True)[0]
         if arrive.numel() == 0:
             return
         values, pre, ctx, xrow = self._capture(batch, row[arrive], neuron[arrive])
