@@ -95,8 +95,14 @@ def load_source(spec: ModelSource) -> tuple[torch.nn.Module, Any]:
     where, kwargs = _from_pretrained_kwargs(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-        if "gguf_file" in kwargs:
+        if spec.random_init_seed is not None:  # a control needs the architecture only: no weights read or dequantized
+            config = AutoConfig.from_pretrained(where, **kwargs)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            model = random_init(config, spec.random_init_seed, spec.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        if "gguf_file" in kwargs and spec.random_init_seed is None:
             # A GGUF-loaded model carries a quantization_config and refuses save_pretrained; its weights are
             # already dequantized, so rebuild a plain model from the (quantization-free) config.
             config = AutoConfig.from_pretrained(where, **kwargs)
@@ -109,19 +115,15 @@ def load_source(spec: ModelSource) -> tuple[torch.nn.Module, Any]:
         raise
     except Exception as exc:  # transformers raises many types; the user needs the source and the reason
         raise PipelineError(f"model.source: could not load '{spec.source}': {_one_line(exc)}") from None
-    if spec.random_init_seed is not None:
-        model = random_init(model, spec.random_init_seed, spec.trust_remote_code)
     model.float().eval()
     return model, tokenizer
 
 
-def random_init(model: torch.nn.Module, seed: int, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The same architecture and config with fresh weights, as the model's own initialiser draws them, seeded:
-    the control a trained model's polysemanticity is compared with (a model that learned nothing)."""
+def random_init(config: Any, seed: int, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A model of this config with fresh weights, as the model's own initialiser draws them, seeded: the control
+    a trained model's polysemanticity is compared with (a model that learned nothing)."""
     from transformers import AutoModelForCausalLM
 
-    config = model.config
-    del model
     devices = torch.random.fork_rng(devices=[])  # leave the caller's generator where it was
     with devices:
         torch.manual_seed(seed)
