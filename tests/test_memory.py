@@ -63,3 +63,12 @@ def test_dry_run_defers_memory_until_the_model_is_prepared(tiny_llama, tiny_corp
     assert "<TBD>" not in block
     mem = int(re.search(r"(?<!\w)mem_mb=(\d+)", block).group(1))
     assert memory.RUNTIME_MB <= mem < memory.RUNTIME_MB + 200  # a 3-layer, 32-wide model needs next to nothing
+
+
+def test_one_pass_candidates_bound():
+    """The caching job's memory counts the one-pass selection's candidates, not just the final cap."""
+    from neuron_embeddings.memory import one_pass_candidates
+
+    assert one_pass_candidates(200, 50) == 200  # fewer eligible than cap: all kept, as two passes would
+    assert one_pass_candidates(200, 10_000) == 983  # 200 x (1 + ln 50)
+    assert one_pass_candidates(200, 10**7) < 12 * 200

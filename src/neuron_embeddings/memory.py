@@ -10,6 +10,7 @@ torch and transformers themselves.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,13 @@ def caching_bytes(shape: Shape, deepest_layer: int, cached_layers: int, examples
     per_layer = entries * (8 + 4 + 8 + 8 + 4 * shape.n_projections + 4 * 32) + 1.5 * x_rows * shape.d_model * STORE_BYTES[store_dtype]
     batch = batch_tokens * (shape.n_neurons * (3 + shape.n_projections) * 4 + shape.d_model * 4)
     return {"weights": weights, "examples": cached_layers * per_layer, "batch": cached_layers * batch}
+
+
+def one_pass_candidates(cap: int, tokens: int) -> int:
+    """Candidates a neuron holds in the one-pass threshold selection (topk.OnePassAccumulator) after `tokens`
+    eligible entries: about cap x (1 + ln(tokens / cap)) when scores and priorities are unrelated; the bound
+    assumes every token eligible."""
+    return math.ceil(cap * (1 + math.log(max(tokens, cap) / cap)))
 
 
 def caching_mb(shape: Shape | None, **kwargs: Any) -> int:

@@ -383,13 +383,20 @@ def _examples_per_neuron():
     return selection_k() + quantiles["bins"] * quantiles["per_bin"]
 
 
+def _cached_per_neuron(input):
+    """Entries a caching job holds per neuron: the one-pass selection's candidates outnumber the final cap."""
+    if SELECTION_MODE == "threshold" and not TWO_PASSES:
+        return memory.one_pass_candidates(SELECTION["cap"], _shard_tokens(input))
+    return _examples_per_neuron()
+
+
 def caching_mem_mb(wildcards, input, attempt):
     layers = group_layers(wildcards.group)
     return attempt * memory.caching_mb(
         _prepared_shape(input),
         deepest_layer=max(layers),
         cached_layers=len(layers),
-        examples=_examples_per_neuron(),
+        examples=_cached_per_neuron(input),
         batch_tokens=_batch_tokens(),
         shard_tokens=_shard_tokens(input),
         store_dtype=config["activations"]["store_dtype"],
