@@ -210,6 +210,7 @@ def layer_metrics(
     fired = unit_scores(state, sign) > 0
     duplicates = state["duplicates"] if "duplicates" in state else np.zeros(n_units, np.int32)
     x_rows, x_store = store_rows(selection_path)
+    unit_store = unit_rows(x_store) if method == "threshold_graph" else None  # once per distinct x, not per example
     measured: dict[int, dict[str, Any]] = {}
     sizes: dict[int, int] = {}
     experts: dict[int, Any] = {}
@@ -226,7 +227,8 @@ def layer_metrics(
                 live_groups.append((unit, start, stop))
         measured.update(block_metrics(emb, token_ids, labels[offset : offset + piece.num_rows],
                                       x_store[x_rows[offset : offset + piece.num_rows]], live_groups, threshold, method,
-                                      seed, layer, resamples, fraction))
+                                      seed, layer, resamples, fraction,
+                                      None if unit_store is None else unit_store[x_rows[offset : offset + piece.num_rows]]))
         offset += piece.num_rows
     expert_of = _expert_lookup(experts, sel_meta)
     rows = []
@@ -257,12 +259,14 @@ def layer_metrics(
 
 def block_metrics(emb: np.ndarray, token_ids: np.ndarray, labels: np.ndarray, x: np.ndarray,
                   groups: list[tuple[int, int, int]], threshold: float, method: str, seed: int, layer: int,
-                  resamples: int, fraction: float) -> dict[int, dict[str, Any]]:
-    """The metrics of the (not dead) units of a block of rows, each (unit, start, stop) of `groups`; each unit's
-    resamples drawn from its own generator (seed, layer, unit), so a unit's figures do not depend on the blocks."""
+                  resamples: int, fraction: float, unit_x: np.ndarray | None = None) -> dict[int, dict[str, Any]]:
+    """The metrics of the (not dead) units of a block of rows, each (unit, start, stop) of `groups` (`unit_x`: the
+    rows of x scaled to unit norm, when the caller has them); each unit's resamples drawn from its own generator
+    (seed, layer, unit), so a unit's figures do not depend on the blocks."""
     graph = method == "threshold_graph"
     unit_e = unit_rows(emb, row_norms(emb)) if emb.dtype == np.float32 else None
-    unit_x = unit_rows(x) if graph and x.dtype == np.float32 else None
+    if unit_x is None and graph and x.dtype == np.float32:
+        unit_x = unit_rows(x)
     out: dict[int, dict[str, Any]] = {}
     pending: list[tuple[int, Any]] = []
     graphs: list[np.ndarray] = []

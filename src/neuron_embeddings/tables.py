@@ -42,13 +42,16 @@ def neuron_blocks(path: str | os.PathLike, columns: list[str], rows: int = BLOCK
     embedding column is ~1.9 GB). The table is sorted by neuron; a piece ends before the neuron that the read
     cut, which then starts the next one. Nothing is yielded for an empty table."""
     try:
-        reader = pq.ParquetFile(path, memory_map=True)  # one copy fewer: ~25% faster on a 2 GB file
+        reader = pq.ParquetFile(path)  # not memory-mapped: the pages read would count as resident, up to the file
     except (OSError, pa.ArrowInvalid) as exc:
         raise PipelineError(f"{path}: not a readable Parquet file ({exc})") from None
     check_schema(reader.schema_arrow, schemas.EMBEDDINGS, path)
     try:
         carry: pa.Table | None = None
-        for batch in reader.iter_batches(batch_size=rows, columns=columns):
+        # one row group at a time: asked for them all, the reader buffers ahead, up to the whole file
+        batches = (batch for group in range(reader.num_row_groups)
+                   for batch in reader.iter_batches(batch_size=rows, row_groups=[group], columns=columns))
+        for batch in batches:
             if not batch.num_rows:
                 continue
             piece = pa.Table.from_batches([batch])
