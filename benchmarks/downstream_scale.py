@@ -36,8 +36,8 @@ them (the rule's threads: 1 for every stage here but cache, importance and simil
 overrides). Columns: `seconds` and `cpu s` are the stage function's wall and CPU time (its package module imported
 before the clock starts, as a workflow script imports it at the top); `proc wall` is the whole process (start-up,
 imports, run_stage's set-up); peak RSS is the process's ru_maxrss (os.wait4), so it includes the interpreter and
-its imports (~0.4 GB with torch), as a workflow job's would. `met?` judges the wall seconds, `cpu ok?` the CPU
-seconds (fairer on a loaded machine). The load average is printed before and after. A stage still running after
+its imports (torch, ~0.4 GB, only in the stages that use it: embeddings, importance), as a workflow job's would.
+`met?` judges the wall seconds, `cpu ok?` the CPU seconds (fairer on a loaded machine). The load average is printed before and after. A stage still running after
 --timeout seconds is killed (SIGTERM, then SIGKILL) and the stages that need its output are skipped. --profile
 STAGE runs that stage under cProfile and prints its top functions (the profile stays in WORKDIR/bench/STAGE.prof).
 

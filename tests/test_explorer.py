@@ -384,3 +384,20 @@ def test_snakemake_report_has_the_plots_and_links_the_explorer(explorer_run):
     assert "results/explorer/explorer/index.html" in page
     for name in ("layer-0.png", "layer-2.png", "summary.tsv", "index.html"):
         assert name in page
+
+
+def test_histogram_edges_are_the_cached_histograms_edges():
+    # the explorer computes them with numpy (it does not import torch); they must be topk's, as the page shows them
+    from neuron_embeddings.explorer import _hist_edges
+    from neuron_embeddings.topk import HIST_EDGES
+
+    assert _hist_edges() == [float(f"{v:.6g}") for v in HIST_EDGES.tolist()]
+
+
+def test_helpers_of_the_explorer_blocks():
+    from neuron_embeddings.explorer import row_peaks, spread
+
+    assert spread(np.array([5, 0, 9]), np.array([2, 0, 3])).tolist() == [5, 6, 9, 10, 11]
+    values = np.array([1.0, -3.0, np.nan, 2.0, np.nan], np.float32)
+    peaks = row_peaks(values, np.array([0, 2, 2, 4, 5]))
+    assert peaks[0] == 3.0 and np.isnan(peaks[1]) and peaks[2] == 2.0 and np.isnan(peaks[3])

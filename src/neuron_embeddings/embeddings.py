@@ -17,8 +17,8 @@ import torch
 from . import schemas
 from .errors import PipelineError
 from .models import layer_input_weights, load_tokenizer, read_manifest
-from .storage import load_tensors, provenance, read_parquet, write_parquet
-from .tables import fixed_list, selected_entries
+from .storage import load_tensors, provenance, read_parquet, write_parquet_parts
+from .tables import fixed_list, indexed_entries
 
 # Relative tolerance on |sum(e) + b - pre| against sum(|e|): float32 accumulation error is ~1e-7 per term.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
@@ -29,21 +29,25 @@ def worst_dtype(*dtypes: str) -> str:
 
 
 def invariant_error(embedding: np.ndarray, biases: np.ndarray, pre: np.ndarray) -> np.ndarray:
-    """Per row and projection: |sum(e_j) + b_j - pre_j| / (1 + sum |e_j|)."""
+    """Per row and projection: |sum(e_j) + b_j - pre_j| / (1 + sum |e_j|), summed in float64 (without a float64
+    copy of the embeddings: the sums cast as they go)."""
     n_proj = pre.shape[1]
-    segments = embedding.astype(np.float64).reshape(embedding.shape[0], n_proj, -1)
-    total = segments.sum(-1) + biases
-    scale = 1.0 + np.abs(segments).sum(-1)
+    segments = embedding.reshape(embedding.shape[0], n_proj, -1)
+    total = segments.sum(-1, dtype=np.float64) + biases
+    scale = 1.0 + np.abs(segments).sum(-1, dtype=np.float64)
     return np.abs(total - pre) / scale
 
 
-def check_invariant(embedding: np.ndarray, biases: np.ndarray, pre: np.ndarray, dtype: str, where: str) -> float:
+def check_invariant(embedding: np.ndarray, biases: np.ndarray, pre: np.ndarray, dtype: str, where: str,
+                    first_row: int = 0) -> float:
+    """The worst relative error of rows first_row, first_row + 1, ... (a block of the layer); raises past the
+    dtype's tolerance."""
     err = invariant_error(embedding, biases, pre)
     worst = float(err.max()) if err.size else 0.0
     if worst > TOLERANCE[dtype]:
         row, proj = np.unravel_index(int(err.argmax()), err.shape)
         raise PipelineError(
-            f"{where}: embedding invariant fails at row {row}, projection {proj}: relative error {worst:.2e} "
+            f"{where}: embedding invariant fails at row {first_row + row}, projection {proj}: relative error {worst:.2e} "
             f"> {TOLERANCE[dtype]:.0e} (sum(x*w)+b differs from the model's pre-activation)"
         )
     return worst
@@ -88,7 +92,10 @@ def build_embeddings(
 ) -> dict[str, Any]:
     """Embeddings of the layer's neurons; or, given `weights` (per projection (W [n_units, d], b [n_units]), as
     adapters' input_weights) of other units of the layer (an SAE's latents: sae.model.SparseAutoencoder.unit_weights),
-    of those units, described in the provenance by `units`. The model is then read only for its tokenizer."""
+    of those units, described in the provenance by `units`. The model is then read only for its tokenizer.
+
+    The embeddings are made, checked and written a block of neurons at a time (one Parquet row group each), from
+    the selection's x store: the layer's x * w (1.9 GB for GPT2-small) is never held whole."""
     state, sel_meta = load_tensors(selection_path)
     cache_settings = sel_meta["cache_settings"]
     T = int(cache_settings["window_tokens"])
@@ -97,68 +104,48 @@ def build_embeddings(
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     if weights is None:  # this layer's tensors only, read by name: memory for one layer, not the model
         weights = layer_input_weights(model_dir, layer, trust_remote_code)
-
-    entries = selected_entries(state, sel_meta["settings"].get("mode", "top_k"), cache_settings.get("sign", "positive"))
-    neuron, x = entries["neuron"], entries["x"].astype(np.float32)
-    segments = [x * w.numpy()[neuron] for w, _ in weights]
-    embedding = np.concatenate(segments, axis=1).astype(np.float32)
+    entries, store = indexed_entries(state, sel_meta)
+    del state
+    neuron, x_rows = entries["neuron"], entries["x"]
+    matrices = [np.asarray(w.numpy(), np.float32) for w, _ in weights]
     biases = np.stack([b.numpy()[neuron] for _, b in weights], axis=1).astype(np.float32)
     pre = entries["pre"].astype(np.float32)
     tolerance_dtype = worst_dtype(cache_settings.get("dtype", "float32"), cache_settings.get("store_dtype", "float32"))
-    worst = check_invariant(embedding, biases.astype(np.float64), pre.astype(np.float64), tolerance_dtype, f"layer {layer}")
-
-    windows: dict[int, tuple[int, int, int, list[int]]] = {}
-    docs = {}
-    for shard in corpus_shards:
-        table = read_parquet(shard, schemas.WINDOWS)
-        for w, d, s, p, ids in zip(*(table.column(c).to_pylist() for c in ("window", "document", "doc_start", "n_prefix", "input_ids"))):
-            windows[w] = (d, s, p, ids)
-    token_index, rank, context = entries["token"], entries["rank"], entries["context"]
-    text = TokenText(tokenizer)
-    rows: dict[str, list] = {name: [] for name in ("document", "doc_position", "token_id", "token", "context_tokens", "context_activations", "context_center")}
-    for i, tok in enumerate(token_index.tolist()):
-        window, pos = divmod(tok, T)
-        document, doc_start, n_prefix, ids = windows[window]
-        finite = np.isfinite(context[i])
-        first = int(np.argmax(finite))
-        last = len(finite) - int(np.argmax(finite[::-1]))
-        ctx_positions = range(pos - before + first, pos - before + last)
-        rows["document"].append(document)
-        rows["doc_position"].append(doc_start + pos - n_prefix)
-        rows["token_id"].append(ids[pos])
-        rows["token"].append(text(ids[pos]))
-        rows["context_tokens"].append([text(ids[p]) for p in ctx_positions])
-        rows["context_activations"].append(context[i, first:last].tolist())
-        rows["context_center"].append(before - first)
 
     n_proj, d_in = len(weights), int(weights[0][0].shape[1])
     schema = schemas.embeddings_schema(n_proj, d_in)
-
-    def fixed(a: np.ndarray) -> pa.FixedSizeListArray:
-        return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), pa.float32()), a.shape[1])
-
     experts = info.mlp_layout.experts if units is None and info.layout is not None else None
     expert = experts.expert_of(neuron) if experts is not None else None
+    n = len(neuron)
     columns = {
-        "layer": pa.array(np.full(len(neuron), layer), pa.int16()),
+        "layer": pa.array(np.full(n, layer), pa.int16()),
         "neuron": pa.array(neuron, pa.int32()),
-        "expert": pa.array(expert, pa.int32()) if expert is not None else pa.nulls(len(neuron), pa.int32()),
-        "example_rank": pa.array(rank, pa.int16()),
+        "expert": pa.array(expert, pa.int32()) if expert is not None else pa.nulls(n, pa.int32()),
+        "example_rank": pa.array(entries["rank"], pa.int16()),
         "sample": pa.array(entries["sample"], pa.string()),
-        "token_index": pa.array(token_index, pa.int64()),
-        "document": pa.array(rows["document"], pa.int64()),
-        "doc_position": pa.array(rows["doc_position"], pa.int32()),
-        "token_id": pa.array(rows["token_id"], pa.int32()),
-        "token": pa.array(rows["token"], pa.string()),
+        "token_index": pa.array(entries["token"], pa.int64()),
+        **text_columns(entries["token"], entries["context"], read_windows(corpus_shards), T, before, TokenText(tokenizer)),
         "activation": pa.array(entries["value"], pa.float32()),
         "pre_activations": fixed(pre),
         "biases": fixed(biases),
-        "embedding": fixed(embedding),
-        "context_tokens": pa.array(rows["context_tokens"], pa.list_(pa.string())),
-        "context_activations": pa.array(rows["context_activations"], pa.list_(pa.float32())),
-        "context_center": pa.array(rows["context_center"], pa.int16()),
     }
-    table = pa.Table.from_pydict(columns, schema=schema)
+    rest = pa.Table.from_pydict(columns)
+    blocks = neuron_row_blocks(neuron, ROW_GROUP_ROWS)
+    # The invariant is checked over the whole layer before anything is written: its worst error goes into the
+    # provenance, which Parquet fixes when the writing starts. x * w is recomputed for the writing (cheap).
+    worst = 0.0
+    for start, stop in blocks:
+        rows = slice(start, stop)
+        worst = max(worst, check_invariant(embed(store, x_rows[rows], neuron[rows], matrices), biases[rows].astype(np.float64),
+                                           pre[rows].astype(np.float64), tolerance_dtype, f"layer {layer}", first_row=start))
+
+    def parts() -> Any:
+        for start, stop in blocks:
+            part = rest.slice(start, stop - start)
+            embedding = embed(store, x_rows[start:stop], neuron[start:stop], matrices)
+            yield pa.Table.from_pydict({**{name: part.column(name) for name in part.column_names},
+                                        "embedding": fixed(embedding)}, schema=schema)
+
     meta = provenance(
         "embeddings",
         {"layer": layer},
@@ -170,5 +157,105 @@ def build_embeddings(
         invariant_max_relative_error=worst,
         **({"units": units} if units is not None else {}),
     )
-    write_parquet(table, out_path, meta)
-    return {"rows": table.num_rows, "invariant_max_relative_error": worst}
+    write_parquet_parts(parts(), out_path, schema, meta, uncompressed=["embedding"])
+    return {"rows": n, "invariant_max_relative_error": worst}
+
+
+# Rows per row group of the embeddings file (whole neurons), so a reader streams it a block at a time; a block of
+# GPT2-small (~25 MB) stays under glibc's largest mmap threshold, so its buffers are reused, not faulted in anew.
+ROW_GROUP_ROWS = 8192
+
+
+def fixed(a: np.ndarray) -> pa.FixedSizeListArray:
+    """A 2-D float array as a fixed-size list column (float32)."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), pa.float32()), a.shape[1])
+
+
+def neuron_row_blocks(neuron: np.ndarray, rows: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive row blocks of at most `rows` rows that never split a neuron (rows sorted by
+    neuron); a neuron of more rows is a block of its own."""
+    bounds = np.append(np.flatnonzero(np.r_[True, neuron[1:] != neuron[:-1]]), len(neuron)) if len(neuron) else []
+    blocks, start = [], 0
+    while start < len(neuron):
+        stop = int(bounds[np.searchsorted(bounds, start + rows, side="right") - 1])
+        if stop <= start:  # one neuron of more than `rows` rows
+            stop = int(bounds[np.searchsorted(bounds, start, side="right")])
+        blocks.append((start, stop))
+        start = stop
+    return blocks
+
+
+def embed(store: np.ndarray, x_rows: np.ndarray, neuron: np.ndarray, matrices: list[np.ndarray]) -> np.ndarray:
+    """x * w per row, per projection, concatenated (float32); rows sorted by neuron, so each neuron's weights
+    multiply its rows as one broadcast (no per-row copy of w)."""
+    d = store.shape[1]
+    out = np.empty((len(x_rows), d * len(matrices)), np.float32)
+    x = store[x_rows]
+    bounds = np.append(np.flatnonzero(np.r_[True, neuron[1:] != neuron[:-1]]), len(neuron)) if len(neuron) else [0]
+    for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        for j, w in enumerate(matrices):
+            np.multiply(x[start:stop], w[neuron[start]], out=out[start:stop, j * d : (j + 1) * d])
+    return out
+
+
+def read_windows(corpus_shards: list[str | os.PathLike]) -> dict[str, np.ndarray]:
+    """The corpus windows as arrays, sorted by window index: document, doc_start, n_prefix, and their token ids
+    flattened (`ids[start[k] : start[k] + length[k]]` for window k)."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("window", "document", "doc_start", "n_prefix", "length", "ids")}
+    for shard in corpus_shards:
+        table = read_parquet(shard, schemas.WINDOWS)
+        for name in ("window", "document", "doc_start", "n_prefix"):
+            parts[name].append(table.column(name).to_numpy().astype(np.int64))
+        ids = table.column("input_ids").combine_chunks()
+        offsets = ids.offsets.to_numpy().astype(np.int64)
+        parts["length"].append(np.diff(offsets))
+        parts["ids"].append(ids.values.to_numpy()[offsets[0] : offsets[-1]].astype(np.int64))
+    out = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in parts.items()}
+    start = np.concatenate([[0], np.cumsum(out["length"])[:-1]]).astype(np.int64)
+    order = np.argsort(out["window"], kind="stable")
+    for k in ("window", "document", "doc_start", "n_prefix", "length"):
+        out[k] = out[k][order]
+    out["start"] = start[order]
+    return out
+
+
+def text_columns(token_index: np.ndarray, context: np.ndarray, windows: dict[str, np.ndarray], T: int, before: int,
+                 text: TokenText) -> dict[str, pa.Array]:
+    """Per example: its document and position there, the max token (id and text), and the context window's tokens
+    and activations, from the first to the last position the selection recorded (finite activation)."""
+    window, pos = np.divmod(token_index.astype(np.int64), T)
+    k = np.searchsorted(windows["window"], window)
+    missing = (k >= len(windows["window"])) | (windows["window"][np.minimum(k, max(len(windows["window"]) - 1, 0))] != window) if len(window) else np.zeros(0, bool)
+    if missing.any():
+        raise PipelineError(f"example at token {int(token_index[np.argmax(missing)])}: its window is in none of the corpus shards")
+    start = windows["start"][k]
+    token_id = windows["ids"][start + pos] if len(window) else np.zeros(0, np.int64)
+    finite = np.isfinite(context)
+    width = context.shape[1] if context.ndim == 2 else 0
+    first = np.argmax(finite, axis=1) if width else np.zeros(len(window), np.int64)
+    last = width - np.argmax(finite[:, ::-1], axis=1) if width else np.zeros(len(window), np.int64)
+    j = np.arange(width)
+    keep = (j >= first[:, None]) & (j < last[:, None])
+    where = (start + pos - before)[:, None] + j
+    context_ids = windows["ids"][where[keep]]
+    offsets = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int32)
+    # Each distinct id decoded once; the columns are then gathers (ids index a table as long as the vocabulary).
+    present = np.zeros(int(max(token_id.max(initial=0), context_ids.max(initial=0))) + 1, bool)
+    present[token_id] = present[context_ids] = True
+    vocab = np.flatnonzero(present)
+    code = np.zeros(len(present), np.int32)
+    code[vocab] = np.arange(len(vocab), dtype=np.int32)
+    texts = pa.array([text(int(i)) for i in vocab.tolist()], pa.string())
+
+    def strings(ids: np.ndarray) -> pa.Array:
+        return texts.take(pa.array(code[ids]))
+
+    return {
+        "document": pa.array(windows["document"][k], pa.int64()),
+        "doc_position": pa.array(windows["doc_start"][k] + pos - windows["n_prefix"][k], pa.int32()),
+        "token_id": pa.array(token_id, pa.int32()),
+        "token": strings(token_id),
+        "context_tokens": pa.ListArray.from_arrays(pa.array(offsets), strings(context_ids)),
+        "context_activations": pa.ListArray.from_arrays(pa.array(offsets), pa.array(context[keep], pa.float32())),
+        "context_center": pa.array(before - first, pa.int16()),
+    }

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import __version__, schemas
 from .figures import finite
@@ -78,8 +79,24 @@ def js_data(key: str, data: Any) -> str:
 
 def rounded(values: np.ndarray, scale: float, digits: int = 4) -> list[float]:
     """Round to `digits` significant digits of `scale` (the neuron's largest activation): small JSON."""
-    decimals = int(min(8, max(0, digits - 1 - math.floor(math.log10(scale))))) if scale > 0 else 3
-    return np.round(values.astype(np.float64), decimals).tolist()
+    return np.round(values.astype(np.float64), decimals_for(scale, digits)).tolist()
+
+
+def decimals_for(scale: float, digits: int = 4) -> int:
+    """The decimals that keep `digits` significant digits of `scale` (rounded's)."""
+    return int(min(8, max(0, digits - 1 - math.floor(math.log10(scale))))) if scale > 0 else 3
+
+
+def row_peaks(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per row of a list column (its flat values and offsets), the largest |value|, NaN ignored (NaN for a row of
+    none): np.nanmax of the row, for all rows at once."""
+    lengths = np.diff(offsets)
+    peaks = np.full(len(lengths), np.nan)
+    filled = np.flatnonzero(lengths > 0)
+    if len(filled):
+        magnitude = np.abs(values[offsets[0] : offsets[-1]].astype(np.float64))
+        peaks[filled] = np.fmax.reduceat(magnitude, offsets[filled] - offsets[0])
+    return peaks
 
 
 def finite_or_none(value: Any) -> float | None:
@@ -106,19 +123,15 @@ class LayerData:
         self.rank = self.emb.column("example_rank").to_numpy()
         self.central = self.clusters.column("is_central").to_numpy(zero_copy_only=False)
         self.cluster = self.clusters.column("cluster").to_numpy()
-        self.token = self.emb.column("token").to_pylist()
-        row_of = {(n, r): i for i, (n, r) in enumerate(zip(self.neuron.tolist(), self.rank.tolist()))}
         imp = read_parquet(inputs.importance, schemas.IMPORTANCE)
-        self.importance = {
-            row_of[(n, r)]: values
-            for n, r, values in zip(
-                imp.column("neuron").to_pylist(), imp.column("example_rank").to_pylist(), imp.column("importance").to_pylist()
-            )
-        }
+        # the rows are sorted by (neuron, example_rank): a row's number is a search away
+        keys = self.neuron.astype(np.int64) * (1 << 16) + self.rank
+        imp_keys = imp.column("neuron").to_numpy().astype(np.int64) * (1 << 16) + imp.column("example_rank").to_numpy()
+        self.importance = dict(zip(np.searchsorted(keys, imp_keys).tolist(), imp.column("importance").to_pylist()))
         self.importance_neurons = sorted(set(imp.column("neuron").to_pylist()))
-        central_token = {
-            (int(self.neuron[i]), int(self.cluster[i])): self.token[i] for i in np.flatnonzero(self.central).tolist()
-        }
+        centrals = np.flatnonzero(self.central)
+        central_token = dict(zip(zip(self.neuron[centrals].tolist(), self.cluster[centrals].tolist()),
+                                 self.emb.column("token").take(pa.array(centrals)).to_pylist()))
         self.similar: dict[tuple[int, int], list[list[Any]]] = {}
         sim = read_parquet(inputs.similar, schemas.SIMILAR)
         for n, c, on, oc, s in zip(*(sim.column(k).to_pylist() for k in ("neuron", "cluster", "other_neuron", "other_cluster", "similarity"))):
@@ -183,14 +196,15 @@ class LayerData:
                 hits[-1].extend([neuron, count, round(best, 3)])
         return {"tokens": tokens, "hits": hits}
 
-    def histogram(self, neuron: int, rows: np.ndarray, acts: list[list[float]], scale: float) -> dict[str, Any]:
+    def histogram(self, neuron: int, acts: Any, scale: float) -> dict[str, Any]:
+        """The neuron's activation histogram: the cached one, else one of `acts()` (its context activations)."""
         if self.cached_hist is not None:
             counts = self.cached_hist[neuron]
             nonzero = np.flatnonzero(counts)
             if nonzero.size:
                 lo, hi = int(nonzero[0]), int(nonzero[-1]) + 1
                 return {"kind": "cache", "first_bin": lo, "counts": counts[lo:hi].astype(int).tolist(), "stride": self.hist_stride}
-        values = np.concatenate([np.asarray(a, np.float64) for a in acts]) if acts else np.zeros(0)
+        values = acts()
         values = values[np.isfinite(values)]
         if not values.size:
             return {"kind": "examples", "edges": [], "counts": []}
@@ -198,12 +212,20 @@ class LayerData:
         return {"kind": "examples", "edges": rounded(edges, scale), "counts": histogram_counts(values, edges)}
 
     def blocks(self, documents: list[str]) -> dict[int, dict[str, Any]]:
+        """The per-block data files. Only the examples shown are turned into Python values (a GPT2-small layer has
+        19M context tokens); each block's token vocabulary comes from one dictionary encoding of its shown tokens,
+        which numbers them in order of first appearance."""
         s = self.settings
-        ctx_tokens = self.emb.column("context_tokens").to_pylist()
-        ctx_acts = self.emb.column("context_activations").to_pylist()
-        center = self.emb.column("context_center").to_numpy()
+        acts = self.emb.column("context_activations").combine_chunks()
+        toks = self.emb.column("context_tokens").combine_chunks()
+        act_offsets = acts.offsets.to_numpy().astype(np.int64)
+        act_values = acts.values.to_numpy(zero_copy_only=False)
+        tok_offsets = toks.offsets.to_numpy().astype(np.int64)
+        lengths = np.diff(act_offsets)
+        peaks = row_peaks(act_values, act_offsets)
+        center = self.emb.column("context_center").to_numpy().astype(np.int64)
         activation = self.emb.column("activation").to_numpy()
-        sample = self.emb.column("sample").to_pylist()
+        sample = self.emb.column("sample")
         document = self.emb.column("document").to_numpy()
         doc_position = self.emb.column("doc_position").to_numpy()
         size = self.clusters.column("cluster_size").to_numpy()
@@ -211,55 +233,84 @@ class LayerData:
         by_neuron: dict[int, list[np.ndarray]] = {}
         for rows in display_order(self.clusters):
             by_neuron.setdefault(int(self.neuron[rows[0]]), []).append(rows)
+        in_block: dict[int, list[int]] = {}
+        for neuron in by_neuron:
+            in_block.setdefault(neuron // s.block_size, []).append(neuron)
         blocks: dict[int, dict[str, Any]] = {}
-        for neuron, clusters in by_neuron.items():
-            block = blocks.setdefault(neuron // s.block_size, {"layer": self.layer, "vocab": [], "origins": {}, "neurons": {}, "_vocab": {}})
-            vocab = block["_vocab"]
-            neuron_rows = np.concatenate(clusters)
-            scale = float(np.nanmax(np.abs(np.concatenate([np.asarray(ctx_acts[i], np.float64) for i in neuron_rows]))))
-            scale = scale if math.isfinite(scale) and scale > 0 else 1.0
-            shown = []
-            for rows in clusters[: s.max_clusters]:
-                first = rows[0]
-                examples = []
-                for i in rows[: s.examples_per_cluster].tolist():
-                    c = int(center[i])
-                    lo, hi = max(0, c - s.context_before), min(len(ctx_tokens[i]), c + s.context_after + 1)
-                    ids = []
-                    for tok in ctx_tokens[i][lo:hi]:
-                        if tok not in vocab:
-                            vocab[tok] = len(block["vocab"])
-                            block["vocab"].append(tok)
-                        ids.append(vocab[tok])
+        for number, neurons in in_block.items():
+            # every shown example of the block, in the order the files list them: (row, lo, hi) of its context
+            shown_rows = [[rows[: s.examples_per_cluster] for rows in by_neuron[neuron][: s.max_clusters]] for neuron in neurons]
+            flat = np.concatenate([r for per_neuron in shown_rows for r in per_neuron]).astype(np.int64)
+            lo = np.maximum(0, center[flat] - s.context_before)
+            hi = np.minimum(lengths[flat], center[flat] + s.context_after + 1)
+            spans = np.maximum(hi - lo, 0)
+            encoded = pc.dictionary_encode(toks.values.take(pa.array(spread(tok_offsets[flat] + lo, spans))))
+            token_ids = np.split(encoded.indices.to_numpy(), np.cumsum(spans)[:-1])
+            values = np.nan_to_num(act_values[spread(act_offsets[flat] + lo, spans)].astype(np.float64))
+            samples = sample.take(pa.array(flat)).to_pylist()
+            block = {"layer": self.layer, "vocab": encoded.dictionary.to_pylist(), "origins": {}, "neurons": {}}
+            at = 0  # position in flat
+            for neuron, clusters, shown in zip(neurons, (by_neuron[n] for n in neurons), shown_rows):
+                neuron_rows = np.concatenate(clusters)
+                scale = float(np.fmax.reduce(peaks[neuron_rows]))
+                scale = scale if math.isfinite(scale) and scale > 0 else 1.0
+                decimals = decimals_for(scale)
+                count = sum(len(rows) for rows in shown)
+                mine = slice(at, at + count)
+                value_at = int(spans[:at].sum())
+                neuron_values = np.round(values[value_at : value_at + int(spans[mine].sum())], decimals).tolist()
+                strengths = np.round(activation[flat[mine]].astype(np.float64), decimals).tolist()
+                value_starts = np.concatenate([[0], np.cumsum(spans[mine])]).tolist()
+                cards = []
+                for k in range(count):
+                    i, j = int(flat[at + k]), at + k
+                    c, start = int(center[i]), int(lo[j])
                     example = {
-                        "r": int(self.rank[i]), "a": rounded(np.array([activation[i]]), scale)[0], "c": c - lo,
-                        "t": ids, "v": rounded(np.nan_to_num(np.asarray(ctx_acts[i][lo:hi], np.float64)), scale),
-                        "d": int(document[i]), "p": int(doc_position[i]),
+                        "r": int(self.rank[i]), "a": strengths[k], "c": c - start, "t": token_ids[j].tolist(),
+                        "v": neuron_values[value_starts[k] : value_starts[k + 1]], "d": int(document[i]), "p": int(doc_position[i]),
                     }
-                    if sample[i] not in ("top_k", "threshold"):
-                        example["s"] = sample[i]
+                    if samples[j] not in ("top_k", "threshold"):
+                        example["s"] = samples[j]
                     if i in self.importance:
-                        example["i"] = np.round(np.asarray(self.importance[i][lo : c + 1], np.float64), 3).tolist()
+                        example["i"] = np.round(np.asarray(self.importance[i][start : c + 1], np.float64), 3).tolist()
                     block["origins"].setdefault(str(int(document[i])), documents[int(document[i])])
-                    examples.append(example)
-                shown.append(
-                    {
-                        "id": int(self.cluster[first]),
-                        "size": int(size[first]),
-                        "mean_similarity": round(float(mean_sim[first]), 3),
-                        "examples": examples,
-                        "similar": self.similar.get((neuron, int(self.cluster[first])), []),
-                    }
-                )
-            block["neurons"][str(neuron)] = {
-                "scale": rounded(np.array([scale]), scale)[0],
-                "n_clusters": len(clusters),
-                "clusters": shown,
-                "hist": self.histogram(neuron, neuron_rows, [ctx_acts[i] for i in neuron_rows.tolist()], scale),
-            }
-        for block in blocks.values():
-            del block["_vocab"]
+                    cards.append(example)
+                at += count
+                listed, k = [], 0
+                for rows in shown:
+                    first = rows[0]
+                    listed.append(
+                        {
+                            "id": int(self.cluster[first]),
+                            "size": int(size[first]),
+                            "mean_similarity": round(float(mean_sim[first]), 3),
+                            "examples": cards[k : k + len(rows)],
+                            "similar": self.similar.get((neuron, int(self.cluster[first])), []),
+                        }
+                    )
+                    k += len(rows)
+
+                def neuron_acts(rows: np.ndarray = neuron_rows) -> np.ndarray:
+                    return act_values[spread(act_offsets[rows], lengths[rows])].astype(np.float64)
+
+                block["neurons"][str(neuron)] = {
+                    "scale": rounded(np.array([scale]), scale)[0],
+                    "n_clusters": len(clusters),
+                    "clusters": listed,
+                    "hist": self.histogram(neuron, neuron_acts, scale),
+                }
+            blocks[number] = block
         return blocks
+
+
+def spread(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The indices start, start + 1, ..., start + count - 1 of each (start, count), concatenated."""
+    counts = np.maximum(counts, 0)
+    total = int(counts.sum())
+    if not total:
+        return np.zeros(0, np.int64)
+    ends = np.cumsum(counts)
+    return np.repeat(starts - (ends - counts), counts) + np.arange(total)
 
 
 def compared_models(comparison_path: str | os.PathLike | None) -> dict[int, list[dict[str, Any]]]:
@@ -334,6 +385,7 @@ def build_explorer(
 
 
 def _hist_edges() -> list[float]:
-    from .topk import HIST_EDGES
-
-    return [float(f"{v:.6g}") for v in HIST_EDGES.tolist()]
+    """topk.HIST_EDGES as the page shows them (6 significant digits), computed here with numpy: the explorer does
+    not import torch for 51 numbers (tests/test_explorer.py checks that the two agree)."""
+    edges = np.concatenate([-np.logspace(3, -3, 25), [0.0], np.logspace(-3, 3, 25)]).astype(np.float32)
+    return [float(f"{v:.6g}") for v in edges.tolist()]

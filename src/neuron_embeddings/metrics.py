@@ -29,9 +29,10 @@ import numpy as np
 import pyarrow as pa
 
 from . import schemas
-from .clustering import NO_CLUSTER, cluster_labels, cosine_similarity_matrix, neuron_groups
+from .clustering import (NO_CLUSTER, _canonical_labels, adjacency, cluster_labels, components, cosine_similarity_matrix,
+                         edge_list, gram, neuron_groups, row_norms, unit_rows)
 from .storage import load_tensors, parquet_provenance, provenance, read_parquet, write_parquet
-from .tables import read_embeddings, store_rows
+from .tables import block_embeddings, neuron_blocks, store_rows
 
 STATUSES = ("live", "few_examples", "dead")
 
@@ -44,48 +45,79 @@ def finite(values: Any) -> np.ndarray:
 
 def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
     """Adjusted Rand index of two labelings (Hubert and Arabie); 1.0 when both put everything in one group."""
-    n = len(a)
-    if n < 2:
+    if len(a) < 2:
         return 1.0
     _, a_ids = np.unique(a, return_inverse=True)
     _, b_ids = np.unique(b, return_inverse=True)
-    table = np.zeros((a_ids.max() + 1, b_ids.max() + 1), dtype=np.int64)
-    np.add.at(table, (a_ids, b_ids), 1)
+    return adjusted_rand_codes(a_ids, b_ids)
 
-    def pairs(counts: np.ndarray) -> float:
-        counts = counts.astype(np.float64)
-        return float((counts * (counts - 1) / 2).sum())
 
-    both, rows, cols, total = pairs(table), pairs(table.sum(1)), pairs(table.sum(0)), n * (n - 1) / 2
+def adjusted_rand_codes(a: np.ndarray, b: np.ndarray) -> float:
+    """adjusted_rand of two labelings already coded as small non-negative integers (a code with no member counts
+    nothing): the same number, without relabelling."""
+    return float(adjusted_rand_many(a[None, :], b[None, :])[0])
+
+
+def adjusted_rand_many(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """adjusted_rand of each row pair (a[r], b[r]) of two coded labelings (small non-negative integers), from one
+    contingency count over all rows: the same numbers (the pair counts are whole, so exact in any order)."""
+    count, n = a.shape
+    if n < 2:
+        return np.ones(count)
+    height, width = int(a.max()) + 1, int(b.max()) + 1
+    cells = (np.arange(count)[:, None] * height + a) * width + b
+
+    def pairs(codes: np.ndarray, size: int) -> np.ndarray:
+        counts = np.bincount(codes.ravel(), minlength=count * size).reshape(count, size).astype(np.float64)
+        return (counts * (counts - 1) / 2).sum(1)
+
+    both = pairs(cells, height * width)
+    rows = pairs(np.arange(count)[:, None] * height + a, height)
+    cols = pairs(np.arange(count)[:, None] * width + b, width)
+    total = n * (n - 1) / 2
     expected = rows * cols / total
     maximum = (rows + cols) / 2
-    if maximum == expected:  # both partitions trivial (one group, or all singletons)
-        return 1.0
-    return float((both - expected) / (maximum - expected))
+    trivial = maximum == expected  # both partitions trivial (one group, or all singletons)
+    return np.where(trivial, 1.0, (both - expected) / np.where(trivial, 1.0, maximum - expected))
 
 
 def neuron_metrics(emb: np.ndarray, labels: np.ndarray, sim: np.ndarray | None = None) -> dict[str, Any]:
     """Size, clusters, and cosine-distance spread of one neuron's examples; None where undefined."""
     n = len(labels)
-    dist = 1.0 - (cosine_similarity_matrix(emb) if sim is None else sim)
-    upper = np.triu(np.ones((n, n), dtype=bool), k=1)
-    same = labels[:, None] == labels[None, :]
-    pairs, intra, inter = dist[upper], dist[upper & same], dist[upper & ~same]
     n_clusters = int(labels.max()) + 1 if n else 0
-    return {
+    out = {
         "size": n,
         "n_clusters": n_clusters,
         "largest_cluster_share": float(np.bincount(labels).max() / n) if n else 0.0,
-        "mean_distance": float(pairs.mean()) if pairs.size else None,
-        "max_distance": float(pairs.max()) if pairs.size else None,
-        "mean_intra_distance": float(intra.mean()) if intra.size else None,
-        "mean_inter_distance": float(inter.mean()) if inter.size else None,
+        "mean_distance": None, "max_distance": None, "mean_intra_distance": None, "mean_inter_distance": None,
     }
+    if n < 2:
+        return out
+    # Distance sums from similarity sums (1 - mean similarity), per pair of clusters in one product: no pair masks.
+    sim = (cosine_similarity_matrix(emb) if sim is None else sim).astype(np.float64)
+    members = np.zeros((n, n_clusters))
+    members[np.arange(n), labels] = 1.0
+    sizes = members.sum(0)
+    diagonal = float(np.trace(sim))
+    all_pairs, intra_pairs = n * (n - 1) / 2, float((sizes * (sizes - 1) / 2).sum())
+    all_sum = (float(sim.sum()) - diagonal) / 2
+    intra_sum = (float(np.trace(members.T @ sim @ members)) - diagonal) / 2
+    np.fill_diagonal(sim, np.inf)
+    out.update(mean_distance=1.0 - all_sum / all_pairs, max_distance=float(1.0 - sim.min()))
+    if intra_pairs:
+        out["mean_intra_distance"] = 1.0 - intra_sum / intra_pairs
+    if all_pairs > intra_pairs:
+        out["mean_inter_distance"] = 1.0 - (all_sum - intra_sum) / (all_pairs - intra_pairs)
+    return out
 
 
 def token_identity(labels: np.ndarray, token_ids: np.ndarray) -> dict[str, float]:
     """How far a neuron's clusters are the partition of its examples by max-token id."""
-    single = [len(np.unique(token_ids[labels == c])) == 1 for c in np.unique(labels)]
+    order = np.lexsort((token_ids, labels))
+    first_of_cluster = np.r_[True, labels[order][1:] != labels[order][:-1]]
+    new_token = first_of_cluster | np.r_[True, token_ids[order][1:] != token_ids[order][:-1]]
+    distinct = np.add.reduceat(new_token.astype(np.int64), np.flatnonzero(first_of_cluster)) if len(labels) else np.zeros(0, int)
+    single = (distinct == 1).tolist()
     return {"ari_token": adjusted_rand(labels, token_ids), "single_token_cluster_share": float(np.mean(single))}
 
 
@@ -98,15 +130,51 @@ def input_only(x: np.ndarray, labels: np.ndarray, threshold: float, method: str)
 def stability(sim: np.ndarray, labels: np.ndarray, threshold: float, method: str, resamples: int, fraction: float,
               rng: np.random.Generator) -> float | None:
     """Mean ARI between the clusters and those of `resamples` random subsets (`fraction` of the examples each)."""
-    n = len(labels)
+    subsets = resample(len(labels), resamples, fraction, rng)
+    if subsets is None:
+        return None
+    scores = [adjusted_rand(labels[subset], cluster_labels(sim[np.ix_(subset, subset)], threshold, method))
+              for subset in subsets]
+    return float(np.mean(scores))
+
+
+def resample(n: int, resamples: int, fraction: float, rng: np.random.Generator) -> list[np.ndarray] | None:
+    """The random subsets `stability` reclusters (sorted example indices), or None when there is none to draw."""
     size = int(round(fraction * n))
     if resamples <= 0 or size < 2 or size >= n:
         return None
-    scores = []
-    for _ in range(resamples):
-        subset = np.sort(rng.choice(n, size=size, replace=False))
-        scores.append(adjusted_rand(labels[subset], cluster_labels(sim[np.ix_(subset, subset)], threshold, method)))
-    return float(np.mean(scores))
+    return [np.sort(rng.choice(n, size=size, replace=False)) for _ in range(resamples)]
+
+
+def graph_baselines(emb: np.ndarray, sim: np.ndarray, margin: float, x: np.ndarray, unit_x: np.ndarray | None,
+                    labels: np.ndarray, threshold: float, subsets: list[np.ndarray] | None) -> tuple[list[np.ndarray], Any]:
+    """The threshold graphs behind input_only and stability for one neuron (x's, then one per subset: the induced
+    subgraph of the neuron's own graph, which is what reclustering the subset alone gives), and a function that
+    turns their components into the two baselines."""
+    x_sim, x_margin = gram(x, unit_x)
+    graphs: list[Any] = [edge_list(adjacency(x, x_sim, x_margin, threshold))]
+    if subsets is not None:
+        # Each subset's graph: the neuron's edges between two of its members, on the neuron's node numbers (the
+        # others are left isolated and not read back).
+        n, i, j = edge_list(adjacency(emb, sim, margin, threshold))
+        inside = np.zeros((len(subsets), n), bool)
+        for r, subset in enumerate(subsets):
+            inside[r, subset] = True
+        kept = inside[:, i] & inside[:, j]
+        graphs.append((n * len(subsets), *[(np.arange(len(subsets))[:, None] * n + ends[None, :])[kept] for ends in (i, j)]))
+
+    def finish(parts: list[np.ndarray]) -> dict[str, Any]:
+        x_labels = _canonical_labels(parts[0])
+        out: dict[str, Any] = {"n_clusters_input": int(x_labels.max()) + 1, "ari_input": adjusted_rand(labels, x_labels)}
+        if subsets is None:
+            out["stability"] = None
+        else:  # component ids of one graph are consecutive: shifted to 0 they are codes
+            ids = parts[1].reshape(len(subsets), -1)[np.arange(len(subsets))[:, None], np.stack(subsets)]
+            scores = adjusted_rand_many(labels[np.stack(subsets)], ids - ids.min(1, keepdims=True))
+            out["stability"] = float(np.mean(scores.tolist()))
+        return out
+
+    return graphs, finish
 
 
 def unit_scores(state: dict[str, np.ndarray], sign: str) -> np.ndarray:
@@ -127,8 +195,10 @@ def layer_metrics(
     fraction: float,
     seed: int,
 ) -> dict[str, Any]:
-    """One row per unit of the layer (every neuron, or every latent of an SAE), with its status and baselines."""
-    table, emb = read_embeddings(embeddings_path)
+    """One row per unit of the layer (every neuron, or every latent of an SAE), with its status and baselines.
+
+    The embeddings are streamed a block of neurons at a time; the threshold graphs of a block's baselines (x
+    alone, and every resample) go through one connected-components call."""
     clusters = read_parquet(clusters_path, schemas.CLUSTERS)
     settings = parquet_provenance(clusters_path).get("settings") or {}
     threshold, method = float(settings["threshold"]), str(settings["method"])
@@ -140,26 +210,35 @@ def layer_metrics(
     fired = unit_scores(state, sign) > 0
     duplicates = state["duplicates"] if "duplicates" in state else np.zeros(n_units, np.int32)
     x_rows, x_store = store_rows(selection_path)
-    token_ids = table.column("token_id").to_numpy()
-    expert_of = _expert_lookup(table, sel_meta)
-    groups = {neuron: (start, stop) for neuron, start, stop in neuron_groups(table.column("neuron").to_numpy())}
+    unit_store = unit_rows(x_store) if method == "threshold_graph" else None  # once per distinct x, not per example
+    measured: dict[int, dict[str, Any]] = {}
+    sizes: dict[int, int] = {}
+    experts: dict[int, Any] = {}
+    offset = 0
+    for piece in neuron_blocks(embeddings_path, ["neuron", "expert", "token_id", "embedding"]):
+        emb = block_embeddings(piece)
+        token_ids = piece.column("token_id").to_numpy()
+        expert = piece.column("expert").to_pylist()
+        live_groups = []
+        for unit, start, stop in neuron_groups(piece.column("neuron").to_numpy()):
+            sizes[unit], experts[unit] = stop - start, expert[start]
+            unit_labels = labels[offset + start : offset + stop]
+            if fired[unit] and not (unit_labels == NO_CLUSTER).any():
+                live_groups.append((unit, start, stop))
+        measured.update(block_metrics(emb, token_ids, labels[offset : offset + piece.num_rows],
+                                      x_store[x_rows[offset : offset + piece.num_rows]], live_groups, threshold, method,
+                                      seed, layer, resamples, fraction,
+                                      None if unit_store is None else unit_store[x_rows[offset : offset + piece.num_rows]]))
+        offset += piece.num_rows
+    expert_of = _expert_lookup(experts, sel_meta)
     rows = []
     for unit in range(n_units):
-        start, stop = groups.get(unit, (0, 0))
-        unit_labels = labels[start:stop]
-        dead = stop == start or not fired[unit] or bool((unit_labels == NO_CLUSTER).any())
-        status = "dead" if dead else ("few_examples" if stop - start < min_examples else "live")
+        size = sizes.get(unit, 0)
+        dead = unit not in measured
+        status = "dead" if dead else ("few_examples" if size < min_examples else "live")
         row: dict[str, Any] = {"layer": layer, "neuron": unit, "expert": expert_of(unit), "status": status,
                                "duplicates": int(duplicates[unit])}
-        if dead:
-            row.update(size=stop - start, n_clusters=0, largest_cluster_share=0.0)
-        else:
-            sim = cosine_similarity_matrix(emb[start:stop])
-            row.update(neuron_metrics(emb[start:stop], unit_labels, sim))
-            row.update(token_identity(unit_labels, token_ids[start:stop]))
-            row.update(input_only(x_store[x_rows[start:stop]], unit_labels, threshold, method))
-            rng = np.random.default_rng([seed, layer, unit])
-            row["stability"] = stability(sim, unit_labels, threshold, method, resamples, fraction, rng)
+        row.update(dict(size=size, n_clusters=0, largest_cluster_share=0.0) if dead else measured[unit])
         row.update(
             max_activation=float(state["stat_max"][unit]),
             min_activation=float(state["stat_min"][unit]),
@@ -178,9 +257,47 @@ def layer_metrics(
     return summarize_layer(out)
 
 
-def _expert_lookup(table: pa.Table, sel_meta: dict[str, Any]) -> Any:
-    """unit -> its expert (None for a dense layer): from the embeddings rows, else the model's MoE layout."""
-    known = dict(zip(table.column("neuron").to_pylist(), table.column("expert").to_pylist()))
+def block_metrics(emb: np.ndarray, token_ids: np.ndarray, labels: np.ndarray, x: np.ndarray,
+                  groups: list[tuple[int, int, int]], threshold: float, method: str, seed: int, layer: int,
+                  resamples: int, fraction: float, unit_x: np.ndarray | None = None) -> dict[int, dict[str, Any]]:
+    """The metrics of the (not dead) units of a block of rows, each (unit, start, stop) of `groups` (`unit_x`: the
+    rows of x scaled to unit norm, when the caller has them); each unit's resamples drawn from its own generator
+    (seed, layer, unit), so a unit's figures do not depend on the blocks."""
+    graph = method == "threshold_graph"
+    unit_e = unit_rows(emb, row_norms(emb)) if emb.dtype == np.float32 else None
+    if unit_x is None and graph and x.dtype == np.float32:
+        unit_x = unit_rows(x)
+    out: dict[int, dict[str, Any]] = {}
+    pending: list[tuple[int, Any]] = []
+    graphs: list[np.ndarray] = []
+    for unit, start, stop in groups:
+        rows = slice(start, stop)
+        unit_labels = labels[rows]
+        sim, margin = gram(emb[rows], None if unit_e is None else unit_e[rows])
+        row = neuron_metrics(emb[rows], unit_labels, sim)
+        row.update(token_identity(unit_labels, token_ids[rows]))
+        subsets = resample(stop - start, resamples, fraction, np.random.default_rng([seed, layer, unit]))
+        if graph:
+            mine, finish = graph_baselines(emb[rows], sim, margin, x[rows], None if unit_x is None else unit_x[rows],
+                                           unit_labels, threshold, subsets)
+            pending.append((len(mine), finish))
+            graphs += mine
+        else:
+            row.update(input_only(x[rows], unit_labels, threshold, method))
+            exact = cosine_similarity_matrix(emb[rows]) if emb.dtype == np.float32 else sim
+            row["stability"] = None if subsets is None else float(np.mean(
+                [adjusted_rand(unit_labels[s], cluster_labels(exact[np.ix_(s, s)], threshold, method)) for s in subsets]))
+        out[unit] = row
+    if graph:
+        parts, at = components(graphs), 0
+        for (unit, _, _), (count, finish) in zip(groups, pending):
+            out[unit].update(finish(parts[at : at + count]))
+            at += count
+    return out
+
+
+def _expert_lookup(known: dict[int, Any], sel_meta: dict[str, Any]) -> Any:
+    """unit -> its expert (None for a dense layer): from the embeddings rows (`known`), else the model's MoE layout."""
     experts = ((sel_meta.get("model") or {}).get("layout") or {}).get("experts")
     if not experts or "units" in (sel_meta.get("settings") or {}):
         return lambda unit: known.get(unit)

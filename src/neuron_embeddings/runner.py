@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
 import logging
 import os
 import socket
 import sys
 import time
 from typing import Any, Callable, TypeVar
-
-import torch
 
 from .errors import PipelineError
 
@@ -22,15 +22,19 @@ def run_stage(name: str, fn: Callable[[], T], log_path: str | None = None, threa
     """Run fn with logging (and progress bars) going to log_path; a PipelineError becomes exit 1 and one line."""
     console = sys.stderr
     handle = open(log_path, "w", buffering=1) if log_path else None
+    hook = None
     try:
         with contextlib.redirect_stderr(handle) if handle else contextlib.nullcontext():
             logging.basicConfig(
                 level=logging.INFO, stream=sys.stderr, force=True,
                 format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             )
-            if threads:
-                torch.set_num_threads(threads)
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            configure = _torch_settings(threads)
+            if "torch" in sys.modules:
+                configure(sys.modules["torch"])
+            else:  # a numpy-only stage never pays torch's import (seconds); one that imports it later is set then
+                hook = _OnImport("torch", configure)
+                sys.meta_path.insert(0, hook)
             start = time.perf_counter()
             log.info("stage %s: start on %s%s", name, socket.gethostname(), _placement())
             try:
@@ -45,8 +49,45 @@ def run_stage(name: str, fn: Callable[[], T], log_path: str | None = None, threa
             log.info("stage %s: done in %.1f s: %s", name, time.perf_counter() - start, result)
             return result
     finally:
+        if hook is not None and hook in sys.meta_path:
+            sys.meta_path.remove(hook)
         if handle:
             handle.close()
+
+
+def _torch_settings(threads: int | None) -> Callable[[Any], None]:
+    """What every stage that uses torch runs under: the rule's threads, deterministic algorithms where torch has them."""
+
+    def configure(torch: Any) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    return configure
+
+
+class _OnImport(importlib.abc.MetaPathFinder):
+    """Runs `then(module)` once a top-level module has been imported (by anyone, at any point of the stage), then
+    steps aside: the import itself is left to the usual finders."""
+
+    def __init__(self, name: str, then: Callable[[Any], None]):
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        execute, then = spec.loader.exec_module, self.then
+
+        def exec_module(module: Any) -> None:
+            execute(module)
+            then(module)
+
+        spec.loader.exec_module = exec_module  # this spec's own loader object: nothing else is patched
+        return spec
 
 
 def _placement() -> str:

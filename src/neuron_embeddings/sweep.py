@@ -20,29 +20,39 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import schemas
-from .clustering import METHODS, cluster_labels, cosine_similarity_matrix, is_zero, neuron_groups, zero_norm_scale
+from .clustering import (METHODS, cosine_similarity_matrix, exact_similarity, gram, layer_zero_neurons, neuron_groups,
+                         row_norms, unit_rows)
 from .errors import PipelineError
 from .figures import hist
 from .metrics import live
 from .storage import atomic_path, parquet_provenance, provenance, read_parquet, write_parquet
-from .tables import read_embeddings
+from .tables import block_embeddings, neuron_blocks
 
 
 def threshold_sweep(
     embeddings_path: str | os.PathLike, out_path: str | os.PathLike, layer: int, thresholds: list[float], method: str
 ) -> dict[str, Any]:
+    """Clusters per unit at each threshold. One tree per unit serves every threshold: single linkage for the
+    threshold graph (its components at t are the subtrees joined above similarity t), average linkage cut at each
+    threshold for agglomerative. The embeddings are streamed a block of neurons at a time."""
     if method not in METHODS:
         raise PipelineError(f"clustering.method: '{method}' is not one of {', '.join(METHODS)}")
     thresholds = sorted(float(t) for t in thresholds)
-    table, emb = read_embeddings(embeddings_path)
-    scale = zero_norm_scale(emb)
-    neurons, counts = [], []
-    for neuron, start, stop in neuron_groups(table.column("neuron").to_numpy()):
-        if is_zero(emb[start:stop], scale):
-            continue
-        sim = cosine_similarity_matrix(emb[start:stop])
-        neurons.append(neuron)
-        counts.append([int(cluster_labels(sim, t, method).max()) + 1 for t in thresholds])
+    neurons, counts, norms = [], [], []
+    neuron_max: dict[int, float] = {}
+    for piece in neuron_blocks(embeddings_path, ["neuron", "embedding"]):
+        emb = block_embeddings(piece)
+        block_norms = row_norms(emb)
+        norms.append(block_norms)
+        unit = unit_rows(emb, block_norms) if method == "threshold_graph" and emb.dtype == np.float32 else None
+        for neuron, start, stop in neuron_groups(piece.column("neuron").to_numpy()):
+            neuron_max[neuron] = float(block_norms[start:stop].max())
+            neurons.append(neuron)
+            rows = slice(start, stop)
+            counts.append(cluster_counts(emb[rows], thresholds, method, None if unit is None else unit[rows]))
+    dead = layer_zero_neurons(np.concatenate(norms) if norms else np.zeros(0), neuron_max)
+    kept = [k for k, neuron in enumerate(neurons) if neuron not in dead]
+    neurons, counts = [neurons[k] for k in kept], [counts[k] for k in kept]
     n = len(neurons)
     out = pa.Table.from_pydict(
         {
@@ -55,6 +65,35 @@ def threshold_sweep(
     )
     write_parquet(out, out_path, provenance("sweep", {"layer": layer, "thresholds": thresholds, "method": method}))
     return {"neurons": n, "thresholds": thresholds}
+
+
+def cluster_counts(emb: np.ndarray, thresholds: list[float], method: str, unit: np.ndarray | None = None) -> list[int]:
+    """How many clusters `method` finds in one neuron's examples at each threshold: the counts of
+    clustering.cluster_labels on cosine_similarity_matrix, threshold by threshold, from one tree."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    n = len(emb)
+    if n < 2:
+        return [n] * len(thresholds)
+    if method == "threshold_graph":
+        sim, margin = gram(emb, unit)
+        sim = sim.astype(np.float64)
+        if margin > 0:  # entries that float32 rounding could put across a threshold take their float64 value
+            near = np.zeros(sim.shape, bool)
+            for t in thresholds:
+                near |= np.abs(sim - t) <= margin
+            i, j = np.nonzero(np.triu(near, 1))
+            if len(i):
+                sim[i, j] = sim[j, i] = exact_similarity(emb, i, j)
+        # Single linkage on -similarity: its merge heights are the maximum spanning tree's similarities, exactly
+        # as given; the components of "similarity > t" are n minus the merges above t.
+        joined = -linkage(-sim[np.triu_indices(n, 1)], method="single")[:, 2]
+        return [n - int(np.count_nonzero(joined > t)) for t in thresholds]
+    dist = 1.0 - cosine_similarity_matrix(emb)
+    np.fill_diagonal(dist, 0.0)
+    tree = linkage(squareform(dist, checks=False), method="average")
+    return [int(fcluster(tree, np.nextafter(1.0 - t, -np.inf), criterion="distance").max()) for t in thresholds]
 
 
 def sweep_curve(sweep: pa.Table, units: Any = None) -> dict[str, list[float]]:

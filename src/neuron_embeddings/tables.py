@@ -1,5 +1,6 @@
-"""The pipeline's per-layer files, read back by the later stages: the embeddings table (whole, or some columns),
-per embeddings row where its x is in the selection's stores, and each cluster's examples in display order.
+"""The pipeline's per-layer files, read back by the later stages: the embeddings table (whole, some columns, or
+streamed a few whole neurons at a time), per embeddings row where its x is in the selection's stores, and each
+cluster's examples in display order.
 
 Readers only: the stages that write these files own their contents (schemas.py fixes the columns).
 """
@@ -7,6 +8,7 @@ Readers only: the stages that write these files own their contents (schemas.py f
 from __future__ import annotations
 
 import os
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +31,48 @@ def read_embeddings(path: str | os.PathLike) -> tuple[pa.Table, np.ndarray]:
     table = read_parquet(path, schemas.EMBEDDINGS)
     emb = fixed_list(table.column("embedding")) if table.num_rows else np.zeros((0, 0), np.float32)
     return table.drop_columns(["embedding"]), emb
+
+
+BLOCK_ROWS = 8192  # rows read at a time when streaming: ~25 MB of GPT2-small embeddings (embeddings.ROW_GROUP_ROWS)
+
+
+def neuron_blocks(path: str | os.PathLike, columns: list[str], rows: int = BLOCK_ROWS) -> Iterator[pa.Table]:
+    """The embeddings table's `columns` (`neuron` among them) in consecutive pieces of about `rows` rows, each
+    holding whole neurons: a stage that works neuron by neuron never holds the layer (a GPT2-small layer's
+    embedding column is ~1.9 GB). The table is sorted by neuron; a piece ends before the neuron that the read
+    cut, which then starts the next one. Nothing is yielded for an empty table."""
+    try:
+        reader = pq.ParquetFile(path)  # not memory-mapped: the pages read would count as resident, up to the file
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise PipelineError(f"{path}: not a readable Parquet file ({exc})") from None
+    check_schema(reader.schema_arrow, schemas.EMBEDDINGS, path)
+    try:
+        carry: pa.Table | None = None
+        # one row group at a time: asked for them all, the reader buffers ahead, up to the whole file
+        batches = (batch for group in range(reader.num_row_groups)
+                   for batch in reader.iter_batches(batch_size=rows, row_groups=[group], columns=columns))
+        for batch in batches:
+            if not batch.num_rows:
+                continue
+            piece = pa.Table.from_batches([batch])
+            if carry is not None and carry.num_rows:
+                piece = pa.concat_tables([carry, piece])
+            neuron = piece.column("neuron").to_numpy()
+            cut = int(np.searchsorted(neuron, neuron[-1], side="left"))
+            if cut:
+                yield piece.slice(0, cut)
+            carry = piece.slice(cut)
+        if carry is not None and carry.num_rows:
+            yield carry
+    except (OSError, pa.ArrowInvalid) as exc:  # a file cut short past its footer fails here
+        raise PipelineError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def block_embeddings(piece: pa.Table) -> np.ndarray:
+    """A streamed piece's embedding column as a float32 matrix (rows x width)."""
+    if not piece.num_rows:
+        return np.zeros((0, piece.schema.field("embedding").type.list_size), np.float32)
+    return fixed_list(piece.column("embedding"))
 
 
 def selected_entries(state: dict[str, np.ndarray], mode: str, sign: str = "positive") -> dict[str, np.ndarray]:
@@ -62,25 +106,34 @@ def selected_entries(state: dict[str, np.ndarray], mode: str, sign: str = "posit
 
 
 def store_rows(selection_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Per embeddings row (same order), its row in the selection's x stores, and the stores joined.
+    """Per embeddings row (same order), its row in the selection's x stores, and the stores joined."""
+    state, meta = load_tensors(selection_path)
+    entries, store = indexed_entries(state, meta)
+    return entries["x"], store
+
+
+def indexed_entries(state: dict[str, np.ndarray], meta: dict[str, Any]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """`selected_entries` of a selection file with `x` replaced by each example's row in the x stores, and the
+    stores joined (float32).
 
     `selected_entries` fixes the row order; handing it the row numbers in place of x gives, per
-    example, where its x is, without materialising x for every example.
+    example, where its x is, without materialising x for every example (a GPT2-small layer: 1.9 GB). It gathers
+    x as float32, exact for integers below 2**24 only, so a row number travels as two such digits.
     """
-    state, meta = load_tensors(selection_path)
     mode = meta.get("settings", {}).get("mode", "top_k")
     indexed, stores, offset = dict(state), [], 0
     for prefix in ("", "quantile."):
         if f"{prefix}x" in state:
             store = state[f"{prefix}x"]
-            if len(store) + offset >= 2**24:
-                raise PipelineError(f"{selection_path}: x store too large to index through float32 row numbers")
-            indexed[f"{prefix}x"] = (np.arange(len(store)) + offset)[:, None].astype(np.float32)
+            number = np.arange(len(store), dtype=np.int64) + offset
+            indexed[f"{prefix}x"] = np.stack([number >> 24, number & (2**24 - 1)], axis=1).astype(np.float32)
             stores.append(store)
             offset += len(store)
     sign = meta.get("cache_settings", {}).get("sign", "positive")
-    rows = selected_entries(indexed, mode, sign)["x"][:, 0].astype(np.int64)
-    return rows, np.concatenate(stores).astype(np.float32)
+    entries = selected_entries(indexed, mode, sign)
+    digits = entries["x"].astype(np.int64)
+    entries["x"] = (digits[:, 0] << 24) | digits[:, 1]
+    return entries, np.concatenate(stores).astype(np.float32, copy=False)
 
 
 def read_columns(path: str | os.PathLike, expected: pa.Schema, columns: list[str]) -> pa.Table:
