@@ -1,7 +1,8 @@
 """Merge the per-shard caches of one layer into each neuron's final selection of examples.
 
 top_k: the k strongest examples per neuron. threshold (the paper's): a uniform sample of at most `cap` of the
-examples with activation >= alpha x the neuron's max, the max measured in pass 1 over the whole corpus; plus,
+examples with activation >= alpha x the neuron's max over the whole corpus (one pass: the shards' candidates
+merged, `topk.merge_candidates`; or two: the max from pass 1); plus,
 optionally, `per_bin` examples from each of `bins` activation bins below that. Both are exact merges: the result
 does not depend on how the corpus was sharded or in which order shards are merged.
 

@@ -8,7 +8,8 @@ a brute force over the whole corpus:
 - top_k: key = the activation.
 - threshold (the paper's): every entry with activation >= alpha x the neuron's max is eligible; key = a hash
   priority of (token, slot, seed), so the k kept are a uniform sample without replacement (bottom-k sampling, a
-  reservoir sample that merges exactly across shards).
+  reservoir sample that merges exactly across shards). In one pass (`OnePassAccumulator`, the default), with the
+  max found on the way; in two (`ThresholdAccumulator`, the reference), with the max of a first pass.
 - quantiles: per neuron, a few entries from each of several activation bins below alpha x max, sampled the
   same way, so polysemanticity below the very top stays visible.
 
