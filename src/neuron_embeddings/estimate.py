@@ -31,6 +31,7 @@ import yaml
 
 from .checks import selection_passes
 from .errors import PipelineError
+from .memory import one_pass_candidates
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -189,9 +190,12 @@ def stages(config: dict[str, Any], info: dict[str, Any], n_params: int, tokens: 
     store = 2 if act["store_dtype"] == "float16" else 4
     per_shard = -(-tokens // shards)
     rows = n * k  # (neuron, example) rows per layer, at most
+    one_pass = sel["mode"] == "threshold" and selection_passes(sel) == 1
+    # a one-pass shard holds each neuron's candidates, more than the final cap (memory.one_pass_candidates)
+    shard_rows = n * one_pass_candidates(sel["cap"], per_shard) if one_pass else rows
 
-    def cache_bytes(x_rows: int) -> int:  # one layer's state: examples, x store, statistics
-        return rows * (4 + 8 + 4 * p + 4 * context + 8) + x_rows * d * store + n * (3 * 8 + 40 * 8)
+    def cache_bytes(x_rows: int, entries: int = rows) -> int:  # one layer's state: examples, x store, statistics
+        return entries * (4 + 8 + 4 * p + 4 * context + 8) + x_rows * d * store + n * (3 * 8 + 40 * 8)
 
     def job_hours(fit: dict[str, float] | None) -> float:
         if not fit:
@@ -207,7 +211,8 @@ def stages(config: dict[str, Any], info: dict[str, Any], n_params: int, tokens: 
                          job_hours(fits.get("stats")), "pass 1: each neuron's max"))
         out.append(Stage("merge_stats", layers, "CPU", 0, layers * n * (3 * 8 + 40 * 8)))
     out += [
-        Stage("cache_activations", shards, "GPU", tokens, shards * layers * cache_bytes(min(rows, per_shard)),
+        Stage("cache_activations", shards, "GPU", tokens,
+              shards * layers * cache_bytes(min(shard_rows, per_shard), shard_rows),
               job_hours(fits.get("cache")), f"{gpus} GPU(s) per job; one forward pass per shard serves all layers"),
         Stage("select_examples", layers, "CPU", 0, layers * cache_bytes(min(rows, tokens))),
         Stage("embed_neurons", layers, "CPU", 0, layers * rows * (4 * p * d + 8 * p + 12 * context + 64)),
