@@ -34,6 +34,10 @@ HIST_EDGES = torch.cat([-torch.logspace(3, -3, 25, dtype=torch.float64), torch.z
                         torch.logspace(-3, 3, 25, dtype=torch.float64)]).float()
 N_HIST = HIST_EDGES.numel() + 1
 
+# What each field of an example set holds in an empty entry: it ranks after every real one, and no stage reads it.
+EMPTY = {"keys": float("-inf"), "tokens": NO_TOKEN, "values": float("-inf"), "pre": 0.0, "context": float("nan"),
+         "xrow": -1}
+
 MIN_STORE_ROWS = 1024  # the x store's smallest buffer: growing it from nothing would compact on every batch
 
 SIGNS = ("positive", "negative", "both")
@@ -349,27 +353,21 @@ def merge_sets(states: list[dict[str, torch.Tensor]], k: int, prefix: str = "", 
 
 
 def empty_set(n_slots: int, width: int, n_proj: int, n_context: int, like_x: torch.Tensor, prefix: str = "") -> dict[str, torch.Tensor]:
-    """An example set of `width` empty entries per slot (they rank after every real one)."""
-    return {
-        f"{prefix}keys": torch.full((n_slots, width), float("-inf"), dtype=torch.float64),
-        f"{prefix}values": torch.full((n_slots, width), float("-inf")),
-        f"{prefix}tokens": torch.full((n_slots, width), NO_TOKEN, dtype=torch.int64),
-        f"{prefix}pre": torch.zeros((n_slots, width, n_proj)),
-        f"{prefix}context": torch.full((n_slots, width, n_context), float("nan")),
-        f"{prefix}xrow": torch.full((n_slots, width), -1, dtype=torch.int64),
-        f"{prefix}x": like_x[:0],
-    }
+    """An example set of `width` empty entries per slot."""
+    shapes = {"pre": (n_proj,), "context": (n_context,)}
+    dtypes = {"keys": torch.float64, "tokens": torch.int64, "xrow": torch.int64}
+    out = {f"{prefix}{name}": torch.full((n_slots, width, *shapes.get(name, ())), filler,
+                                         dtype=dtypes.get(name, torch.float32)) for name, filler in EMPTY.items()}
+    return {**out, f"{prefix}x": like_x[:0]}
 
 
 def empty_entries(state: dict[str, torch.Tensor], prefix: str, off: torch.Tensor) -> dict[str, torch.Tensor]:
     """Empty the entries of one example set where `off` is true: they rank last and no later stage sees them."""
     out = dict(state)
-    out[f"{prefix}keys"] = torch.where(off, -torch.inf, state[f"{prefix}keys"])
-    out[f"{prefix}values"] = torch.where(off, -torch.inf, state[f"{prefix}values"])
-    out[f"{prefix}tokens"] = torch.where(off, NO_TOKEN, state[f"{prefix}tokens"])
-    out[f"{prefix}xrow"] = torch.where(off, -1, state[f"{prefix}xrow"])
-    out[f"{prefix}pre"] = torch.where(off[..., None], 0.0, state[f"{prefix}pre"])
-    out[f"{prefix}context"] = torch.where(off[..., None], torch.nan, state[f"{prefix}context"])
+    for name, filler in EMPTY.items():
+        value = state[f"{prefix}{name}"]
+        out[f"{prefix}{name}"] = torch.where(off.reshape(*off.shape, *([1] * (value.dim() - off.dim()))),
+                                             torch.tensor(filler, dtype=value.dtype), value)
     return out
 
 
@@ -623,12 +621,9 @@ class CandidateSet(ExampleSet):
         self.xrow[at_row, at_col] = xrow
         self.count[touched] += need
 
-    _empty = {"keys": float("-inf"), "tokens": NO_TOKEN, "values": float("-inf"), "pre": 0.0, "context": float("nan"),
-              "xrow": -1}
-
     def _widen(self, width: int) -> None:
         """Room for `width` entries in every slot."""
-        for name, filler in self._empty.items():
+        for name, filler in EMPTY.items():
             old = getattr(self, name)
             wide = torch.full((old.shape[0], width, *old.shape[2:]), filler, dtype=old.dtype)
             wide[:, : old.shape[1]] = old
@@ -636,7 +631,7 @@ class CandidateSet(ExampleSet):
 
     def _empty_at(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
         self.count -= torch.bincount(rows, minlength=self.count.numel())
-        for name, filler in self._empty.items():
+        for name, filler in EMPTY.items():
             getattr(self, name)[rows, cols] = filler
 
     def state(self, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -645,7 +640,7 @@ class CandidateSet(ExampleSet):
         n = self.keys.shape[0]
         slot = torch.arange(n).repeat_interleave(self.keys.shape[1])
         keep = canonical_topk(slot, self.keys.reshape(-1), self.tokens.reshape(-1), n, max(width, 1))
-        for name in self._empty:
+        for name in EMPTY:
             value = getattr(self, name)
             setattr(self, name, value.reshape(-1, *value.shape[2:])[keep])
         return super().state(prefix)
