@@ -124,6 +124,7 @@ def saturate(examples) -> None:
         examples.values.fill_(torch.finfo(torch.float32).max)
         examples.tokens.copy_(torch.arange(examples.tokens.shape[1]).expand_as(examples.tokens))
         examples.count.fill_(examples.tokens.shape[1])
+        examples._refresh_table(torch.arange(examples.count.numel()))
 
 
 def changed(tokens: torch.Tensor, before: torch.Tensor) -> int:

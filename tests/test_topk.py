@@ -363,3 +363,35 @@ def test_signs_match_brute_force_and_keep_the_activation(data, sign, batch):
              _run(act, pre, x, valid, token_index, k, batch, half, W, sign=sign)]
     for merged in (topk.merge_states(parts, k), topk.merge_states(parts[::-1], k)):
         _assert_matches(merged, ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the fast paths of the statistics and the candidate scan: each must equal the plain torch operation exactly
+
+
+def test_hist_bins_equals_bucketize_at_every_edge():
+    edges = topk.HIST_EDGES
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(2001, generator=g) * torch.logspace(-8, 8, 2001)  # every bin, under- and overflow
+    at_edges = torch.cat([edges, torch.nextafter(edges, torch.tensor(math.inf)),
+                          torch.nextafter(edges, torch.tensor(-math.inf))])
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, 3e38, -3e38, 1e-45, -1e-45, math.nan])
+    values = torch.cat([spread, at_edges, special]).reshape(-1, 7)[:, torch.randperm(7, generator=g)]
+    assert torch.equal(topk.hist_bins(values), torch.bucketize(values, edges))
+
+
+@pytest.mark.parametrize("sign", topk.SIGNS)
+@pytest.mark.parametrize("level", [-math.inf, 0.0, 2.2, 3.5, 9.0])
+def test_at_least_equals_a_full_scan(sign, level):
+    """Entries at or above a per-neuron threshold, found through the batch's max (few neurons reach it) or the
+    full scan (many do): the same (row, neuron) pairs as torch's nonzero, in the same order."""
+    g = torch.Generator().manual_seed(1)
+    act = torch.randn(4, 16, 300, generator=g) * torch.linspace(0.5, 2, 300)
+    valid = torch.ones(4, 16, dtype=torch.bool)
+    valid[:, 0] = False
+    batch = topk.make_batch(act, [act], act[..., :8], valid, torch.arange(64).view(4, 16), sign=sign)
+    threshold = torch.full((300,), level)
+    threshold[::7] = -math.inf  # some neurons take everything
+    want = (batch.score_flat >= threshold[None, :]).nonzero(as_tuple=True)
+    got = batch.at_least(threshold, sign)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
