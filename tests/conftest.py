@@ -198,23 +198,27 @@ def scratch_copy(root: Path) -> Path:
     return root
 
 
-def plan_with_edit(finished_run: tuple[Path, dict], copy: Path, module: str, edit, *targets: str) -> set[str]:
-    """The rules a dry run of a finished run plans after `edit` (text -> text) of one module of the scratch copy;
-    the module is put back."""
+def plan_with_edit(finished_run: tuple[Path, dict], copy: Path, module: str | list[str], edit, *targets: str) -> set[str]:
+    """The rules a dry run of a finished run plans after `edit` (text -> text) of one module of the scratch copy,
+    or of several at once; the modules are put back."""
     workdir, config = finished_run
-    parts = module.split(".")[1:]
     base = copy / "src" / "neuron_embeddings"
-    path = base.joinpath(*parts).with_suffix(".py") if parts else base / "__init__.py"
-    if not path.is_file():
-        path = base.joinpath(*parts) / "__init__.py"
-    original = path.read_text()
-    changed = edit(original)
-    assert changed != original
-    path.write_text(changed)
+    originals: dict[Path, str] = {}
+    for name in [module] if isinstance(module, str) else module:
+        parts = name.split(".")[1:]
+        path = base.joinpath(*parts).with_suffix(".py") if parts else base / "__init__.py"
+        if not path.is_file():
+            path = base.joinpath(*parts) / "__init__.py"
+        originals[path] = path.read_text()
     try:
+        for path, original in originals.items():
+            changed = edit(original)
+            assert changed != original
+            path.write_text(changed)
         proc = run_snakemake(workdir, config, "-n", "--nolock", "-s", str(copy / "Snakefile"), *targets)
     finally:
-        path.write_text(original)
+        for path, original in originals.items():
+            path.write_text(original)
     return set(planned_jobs(proc))
 
 
