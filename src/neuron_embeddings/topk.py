@@ -332,13 +332,16 @@ class ExampleSet:
         unique_rows, inverse = torch.unique(sel_row, return_inverse=True)
         self._reserve(unique_rows.numel())
         values = batch.act_flat[sel_flat, sel_neuron].cpu()
-        pre = torch.stack([p.reshape(B * T, N)[sel_row, sel_neuron] for p in batch.pre], dim=-1).float().cpu()
+        # torch.take reads by flat position, strided or not: no copy of a [B, T, N] view (a fused projection's
+        # halves are views), and one index instead of three for the context windows.
+        at = sel_row * N + sel_neuron
+        pre = torch.stack([torch.take(p, at) for p in batch.pre], dim=-1).float().cpu()
         b, p = sel_row // T, sel_row % T
         pos = p[:, None] + self.offsets.to(device)[None, :]
         inside = (pos >= 0) & (pos < T)
-        pos_c = pos.clamp(0, T - 1)
-        around = batch.act[b[:, None], pos_c, sel_neuron[:, None]].float()
-        ok = inside & batch.valid[b[:, None], pos_c]
+        window_row = b[:, None] * T + pos.clamp(0, T - 1)
+        around = torch.take(batch.act, window_row * N + sel_neuron[:, None]).float()
+        ok = inside & torch.take(batch.valid, window_row)
         ctx = torch.where(ok, around, torch.full_like(around, float("nan"))).cpu()
         xrow = self._n_x + inverse.cpu()
         self._x[self._n_x : self._n_x + unique_rows.numel()] = batch.x.reshape(B * T, -1)[unique_rows].to(self._x.dtype).cpu()
@@ -699,34 +702,39 @@ class CandidateSet(ExampleSet):
         if arrive.numel() == 0:
             return
         values, pre, ctx, xrow = self._capture(batch, row[arrive], neuron[arrive])
+        # Only the slots that receive entries are searched for empty ones.
         need = torch.bincount(local[arrive], minlength=touched.numel())
-        free = ~torch.isfinite(self.values[touched])
+        receiving = (need > 0).nonzero(as_tuple=True)[0]
+        position = torch.full((touched.numel(),), -1, dtype=torch.int64)
+        position[receiving] = torch.arange(receiving.numel())
+        receivers, need = touched[receiving], need[receiving]
+        free = ~torch.isfinite(self.values[receivers])
         short = int((need - free.sum(1)).max())
         if short > 0:
             self._widen(max(width + short, width + width // 2))  # by half again at least: widening copies all
-            free = ~torch.isfinite(self.values[touched])
+            free = ~torch.isfinite(self.values[receivers])
         # the r-th arriving entry of a slot takes the slot's r-th empty entry
         free_rank = torch.cumsum(free, 1) - 1
-        column = torch.full((touched.numel(), int(need.max())), -1, dtype=torch.int64)
-        usable = free & (free_rank < need[:, None])
-        column[usable.nonzero(as_tuple=True)[0], free_rank[usable]] = usable.nonzero(as_tuple=True)[1]
-        arrive_slot = local[arrive]  # arrive is in input order; rank each within its slot
+        column = torch.full((receivers.numel(), int(need.max())), -1, dtype=torch.int64)
+        usable_row, usable_col = (free & (free_rank < need[:, None])).nonzero(as_tuple=True)
+        column[usable_row, free_rank[usable_row, usable_col]] = usable_col
+        arrive_slot = position[local[arrive]]  # arrive is in input order; rank each within its slot
         order = torch.argsort(arrive_slot, stable=True)
         starts = torch.cumsum(need, 0) - need
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel()) - starts[arrive_slot[order]]
-        at_row, at_col = touched[arrive_slot], column[arrive_slot, rank]
+        at_row, at_col = receivers[arrive_slot], column[arrive_slot, rank]
         self.keys[at_row, at_col] = key[arrive]
         self.tokens[at_row, at_col] = token[arrive]
         self.values[at_row, at_col] = values
         self.pre[at_row, at_col] = pre
         self.context[at_row, at_col] = ctx
         self.xrow[at_row, at_col] = xrow
-        self.count[touched] += need
-        self.arrived[touched] += need
+        self.count[receivers] += need
+        self.arrived[receivers] += need
         # A table misses only what arrived since it was built: rebuilt once a quarter of a neuron's candidates
         # are new, its cost stays a small share of the arrivals'.
-        stale = touched[(self.arrived[touched] * 4 >= self.count[touched]) & (self.count[touched] >= self.cap)]
+        stale = receivers[(self.arrived[receivers] * 4 >= self.count[receivers]) & (self.count[receivers] >= self.cap)]
         if stale.numel():
             self._refresh_table(stale)
 
