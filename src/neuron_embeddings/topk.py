@@ -461,7 +461,7 @@ class TopKAccumulator:
         cand_row, cand_neuron = batch.at_least(threshold, self.sign)
         if cand_row.numel() > 4 * self.examples.keys.numel():
             batch_kth = torch.topk(a, min(self.k, a.shape[0]), dim=0).values[-1]
-            cand_row, cand_neuron = (a >= torch.maximum(batch_kth, threshold)).nonzero(as_tuple=True)
+            cand_row, cand_neuron = batch.at_least(torch.maximum(batch_kth, threshold), self.sign)
         self.examples.offer(batch, cand_row, cand_neuron, a[cand_row, cand_neuron])
 
     def state(self) -> dict[str, torch.Tensor]:
