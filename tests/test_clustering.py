@@ -149,6 +149,33 @@ def test_agglomerative_agrees_on_well_separated_data(seed):
         assert np.array_equal(graph[key], agglo[key]), key
 
 
+def _fcluster_labels(sim, threshold):
+    """The clusters as scipy's fcluster cuts the average-linkage tree (the definition agglomerative keeps)."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    dist = 1.0 - sim
+    np.fill_diagonal(dist, 0.0)
+    tree = linkage(squareform(dist, checks=False), method="average")
+    return fcluster(tree, np.nextafter(1.0 - threshold, -np.inf), criterion="distance")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_agglomerative_cut_equals_fcluster(seed):
+    rng = np.random.default_rng(seed)
+    for trial in range(40):
+        n, dim = int(rng.integers(2, 60)), int(rng.integers(2, 12))
+        emb = rng.standard_normal((n, dim))
+        if trial % 3 == 0:  # repeated rows (zero distances) and coarse values (equal heights, ties at the cut)
+            emb = np.round(emb[rng.integers(0, max(n // 2, 1), n)])
+        sim = clustering.cosine_similarity_matrix(emb)
+        heights = [0.0, 0.5, 1.0] + rng.uniform(-1, 1, 3).tolist()
+        for threshold in heights:
+            ours = clustering.agglomerative(sim, threshold)
+            assert _same_partition(ours, _fcluster_labels(sim, threshold)), (seed, trial, threshold)
+            assert np.array_equal(ours, clustering._canonical_labels(_fcluster_labels(sim, threshold) - 1))
+
+
 def test_agglomerative_single_example():
     out = clustering.cluster_neuron(np.array([[1.0, 2.0]]), threshold=0.3, method="agglomerative")
     assert out["cluster"].tolist() == [0] and out["is_central"].tolist() == [True]

@@ -53,6 +53,7 @@ RERUNS = {
     "neuron_embeddings.adapters": EVERYTHING,
     "neuron_embeddings.models": EVERYTHING,
     "neuron_embeddings.sources": EVERYTHING,
+    "neuron_embeddings.vocab": EVERYTHING,  # prepare_model writes the token texts
     "neuron_embeddings.schemas": CORPUS | AFTER_CACHING,
     "neuron_embeddings.corpus": CORPUS | AFTER_CACHING,
     "neuron_embeddings.activations": AFTER_CACHING,

@@ -244,6 +244,24 @@ def test_gguf_checkpoints_of_other_families(family, tmp_path):
     ids = torch.randint(3, 300, (2, SEQ), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(prepared(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    assert_token_texts_are_the_tokenizers(tmp_path / "model")
+
+
+def assert_token_texts_are_the_tokenizers(model_dir):
+    """The prepared folder's token texts are what its tokenizer decodes, id by id, past the table's end too."""
+    from neuron_embeddings.models import load_tokenizer
+    from neuron_embeddings.vocab import TokenTexts
+
+    tokenizer, texts = load_tokenizer(model_dir), TokenTexts(model_dir)
+    assert len(texts.texts) == len(tokenizer) > 0
+    for token_id in list(range(len(tokenizer))) + [len(tokenizer) + 5]:
+        assert texts(token_id) == tokenizer.decode([token_id]), token_id
+    assert texts.special_id("pad_token_id") == tokenizer.pad_token_id
+    assert texts.special_id("eos_token_id") == tokenizer.eos_token_id
+
+
+def test_token_texts_of_a_prepared_model(prepared):
+    assert_token_texts_are_the_tokenizers(prepared[2])
 
 
 def test_hub_id_is_checked_from_its_config_before_any_weight_is_fetched(tmp_path, monkeypatch):

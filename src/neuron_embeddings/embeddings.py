@@ -16,9 +16,10 @@ import torch
 
 from . import schemas
 from .errors import PipelineError
-from .models import layer_input_weights, load_tokenizer, read_manifest
+from .models import layer_input_weights, read_manifest
 from .storage import load_tensors, provenance, read_parquet, write_parquet_parts
 from .tables import fixed_list, indexed_entries
+from .vocab import TokenTexts
 
 # Relative tolerance on |sum(e) + b - pre| against sum(|e|): float32 accumulation error is ~1e-7 per term.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
@@ -68,18 +69,6 @@ def verify_file(path: str | os.PathLike) -> float:
     return check_invariant(emb, biases, pre, dtype, str(path))
 
 
-class TokenText:
-    """Decoded text per token id, cached (the same ids recur across neurons)."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer, self.cache = tokenizer, {}
-
-    def __call__(self, token_id: int) -> str:
-        if token_id not in self.cache:
-            self.cache[token_id] = self.tokenizer.decode([token_id])
-        return self.cache[token_id]
-
-
 def build_embeddings(
     selection_path: str | os.PathLike,
     model_dir: str | os.PathLike,
@@ -101,7 +90,7 @@ def build_embeddings(
     T = int(cache_settings["window_tokens"])
     before = int(cache_settings["context_before"])
     info = read_manifest(model_dir)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    token_text = TokenTexts(model_dir, trust_remote_code)
     if weights is None:  # this layer's tensors only, read by name: memory for one layer, not the model
         weights = layer_input_weights(model_dir, layer, trust_remote_code)
     entries, store = indexed_entries(state, sel_meta)
@@ -124,7 +113,7 @@ def build_embeddings(
         "example_rank": pa.array(entries["rank"], pa.int16()),
         "sample": pa.array(entries["sample"], pa.string()),
         "token_index": pa.array(entries["token"], pa.int64()),
-        **text_columns(entries["token"], entries["context"], read_windows(corpus_shards), T, before, TokenText(tokenizer)),
+        **text_columns(entries["token"], entries["context"], read_windows(corpus_shards), T, before, token_text),
         "activation": pa.array(entries["value"], pa.float32()),
         "pre_activations": fixed(pre),
         "biases": fixed(biases),
@@ -220,7 +209,7 @@ def read_windows(corpus_shards: list[str | os.PathLike]) -> dict[str, np.ndarray
 
 
 def text_columns(token_index: np.ndarray, context: np.ndarray, windows: dict[str, np.ndarray], T: int, before: int,
-                 text: TokenText) -> dict[str, pa.Array]:
+                 text: TokenTexts) -> dict[str, pa.Array]:
     """Per example: its document and position there, the max token (id and text), and the context window's tokens
     and activations, from the first to the last position the selection recorded (finite activation)."""
     window, pos = np.divmod(token_index.astype(np.int64), T)

@@ -285,8 +285,12 @@ def block_metrics(emb: np.ndarray, token_ids: np.ndarray, labels: np.ndarray, x:
         else:
             row.update(input_only(x[rows], unit_labels, threshold, method))
             exact = cosine_similarity_matrix(emb[rows]) if emb.dtype == np.float32 else sim
-            row["stability"] = None if subsets is None else float(np.mean(
-                [adjusted_rand(unit_labels[s], cluster_labels(exact[np.ix_(s, s)], threshold, method)) for s in subsets]))
+            if subsets is None:
+                row["stability"] = None
+            else:  # canonical labels are codes already: one contingency count for every subset
+                scores = adjusted_rand_many(np.stack([unit_labels[s] for s in subsets]),
+                                            np.stack([cluster_labels(exact[np.ix_(s, s)], threshold, method) for s in subsets]))
+                row["stability"] = float(np.mean(scores.tolist()))
         out[unit] = row
     if graph:
         parts, at = components(graphs), 0

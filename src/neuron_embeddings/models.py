@@ -6,6 +6,8 @@ every later stage loads in about a second, offline, and a cluster's compute node
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import os
@@ -31,6 +33,7 @@ from .adapters import (
 from .errors import PipelineError
 from .sources import BUILTIN_MODELS, MANIFEST, ModelSource, check_gguf, resolve  # noqa: F401 (re-exported)
 from .storage import usual_mode
+from .vocab import write_token_texts
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +66,12 @@ class Inspection:
 def inspect_source(spec: ModelSource) -> Inspection:
     """Read the model's config (for a hub id: config.json only) and build it on the meta device, so the family,
     layers and size are known, and an MLP the method cannot read is refused, before any weight file is fetched."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    where, kwargs = _from_pretrained_kwargs(spec)
     try:
-        config = AutoConfig.from_pretrained(where, **kwargs)
+        config = source_config(spec)
     except Exception as exc:  # transformers raises many types; the user needs the source and the reason
         raise PipelineError(f"model.source: could not read the config of '{spec.source}': {_one_line(exc)}") from None
-    if hasattr(config, "quantization_config"):  # GGUF: the weights are dequantized on load
-        del config.quantization_config
     family = getattr(config, "model_type", "")
     if family in UNSUPPORTED:
         raise PipelineError(f"model.source: '{spec.source}' (model_type '{family}') is not supported: {UNSUPPORTED[family]}")
@@ -88,29 +88,51 @@ def inspect_source(spec: ModelSource) -> Inspection:
     return Inspection(candidates, parameters, type(model).__name__)
 
 
+def source_config(spec: ModelSource, quantized: bool = False) -> Any:
+    """The source's config (a copy: callers may change theirs). A GGUF's is read once per process, since each read
+    parses the whole file; without `quantized` its quantization_config is dropped (its weights are dequantized on
+    load, and a model built from it is a plain one)."""
+    where, kwargs = _from_pretrained_kwargs(spec)
+    if "gguf_file" in kwargs:
+        stat = os.stat(os.path.join(where, kwargs["gguf_file"]))
+        config = copy.deepcopy(_read_gguf_config(where, tuple(sorted(kwargs.items())), stat.st_size, stat.st_mtime_ns))
+    else:
+        config = _read_config(where, kwargs)
+    if not quantized and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def _read_config(where: str, kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(where, **kwargs)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gguf_config(where: str, kwargs: tuple[tuple[str, Any], ...], size: int, mtime_ns: int) -> Any:
+    """Cached on the file's size and time as well: a GGUF replaced in place is read anew."""
+    return _read_config(where, dict(kwargs))
+
+
 def load_source(spec: ModelSource) -> tuple[torch.nn.Module, Any]:
     """Load model and tokenizer from the configured source (hub, local folder, GGUF), fp32, eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     where, kwargs = _from_pretrained_kwargs(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         if spec.random_init_seed is not None:  # a control needs the architecture only: no weights read or dequantized
-            config = AutoConfig.from_pretrained(where, **kwargs)
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            model = random_init(config, spec.random_init_seed, spec.trust_remote_code)
+            model = random_init(source_config(spec), spec.random_init_seed, spec.trust_remote_code)
+        elif "gguf_file" in kwargs:
+            # A GGUF-loaded model carries a quantization_config and refuses save_pretrained; its weights are
+            # already dequantized, so they go into a plain model of the (quantization-free) config. The config is
+            # passed in: each read of it parses the whole GGUF (its vocabulary too), ~10 s for the demo's model.
+            loaded = AutoModelForCausalLM.from_pretrained(where, config=source_config(spec, quantized=True), **kwargs)
+            model = AutoModelForCausalLM.from_config(source_config(spec), trust_remote_code=spec.trust_remote_code)
+            model.load_state_dict(loaded.state_dict())
         else:
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-        if "gguf_file" in kwargs and spec.random_init_seed is None:
-            # A GGUF-loaded model carries a quantization_config and refuses save_pretrained; its weights are
-            # already dequantized, so rebuild a plain model from the (quantization-free) config.
-            config = AutoConfig.from_pretrained(where, **kwargs)
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            plain = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
-            plain.load_state_dict(model.state_dict())
-            model = plain
     except PipelineError:
         raise
     except Exception as exc:  # transformers raises many types; the user needs the source and the reason
@@ -225,6 +247,7 @@ def prepare_model(spec: ModelSource, out_dir: str | os.PathLike) -> ModelInfo:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        write_token_texts(tokenizer, tmp)
         saved = checkpoint_tensor_names(tmp)
         adapter = ModelAdapter(verification.layout)
         wanted = [weight for layer in range(info.n_layers) for weight, _ in adapter.tensor_names(layer).values()]

@@ -61,9 +61,20 @@ def _torch_settings(threads: int | None) -> Callable[[Any], None]:
     def configure(torch: Any) -> None:
         if threads:
             torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        deterministic(torch)
 
     return configure
+
+
+def deterministic(torch: Any) -> None:
+    """torch.use_deterministic_algorithms(True, warn_only=True), without the 2 s import of torch._inductor that the
+    public call makes to set inductor's own flag: no stage compiles, and a stage job pays it on every start. If
+    inductor is loaded already, or torch has moved the private setter, the public call is made."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        setter(True, warn_only=True)
 
 
 class _OnImport(importlib.abc.MetaPathFinder):

@@ -113,10 +113,10 @@ def schemas_windows_meta() -> pa.Schema:
 
 def pad_token_id(model_dir: str | os.PathLike) -> int:
     """The id that fills a short window's tail: the tokenizer's pad token, else its EOS, else 0."""
-    from ..models import load_tokenizer
+    from ..vocab import TokenTexts
 
-    tokenizer = load_tokenizer(model_dir)
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+    texts = TokenTexts(model_dir)
+    for candidate in (texts.special_id("pad_token_id"), texts.special_id("eos_token_id")):
         if candidate is not None:
             return int(candidate)
     return 0
