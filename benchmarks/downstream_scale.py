@@ -102,6 +102,7 @@ class Paths:
         self.caches = [root / "activations" / f"shard-{s}" / f"layer-{LAYER}.safetensors" for s in SHARDS]
         self.selection = root / "selection" / f"layer-{LAYER}.safetensors"
         self.embeddings = root / "embeddings" / f"layer-{LAYER}.parquet"
+        self.embedding_weights = root / "embeddings" / f"layer-{LAYER}.weights.safetensors"
         self.clusters = root / "clusters" / f"layer-{LAYER}.parquet"
         self.metrics = root / "metrics" / f"layer-{LAYER}.parquet"
         self.importance = root / "importance" / f"layer-{LAYER}.parquet"
@@ -206,20 +207,21 @@ def stage_select(p: Paths, cfg: dict[str, Any]) -> dict[str, Any]:
 def stage_embeddings(p: Paths, cfg: dict[str, Any]) -> dict[str, Any]:
     from neuron_embeddings.embeddings import build_embeddings
 
-    return build_embeddings(p.selection, p.model, list(p.shards), p.embeddings, LAYER)
+    return build_embeddings(p.selection, p.model, list(p.shards), p.embeddings, LAYER, weights_path=p.embedding_weights)
 
 
 def stage_clustering(p: Paths, cfg: dict[str, Any]) -> dict[str, Any]:
     from neuron_embeddings.clustering import cluster_layer
 
-    return cluster_layer(p.embeddings, p.clusters, LAYER, cfg["threshold"], cfg["method"])
+    return cluster_layer(p.embeddings, p.clusters, LAYER, cfg["threshold"], cfg["method"], selection_path=p.selection,
+                         weights_path=p.embedding_weights)
 
 
 def stage_metrics(p: Paths, cfg: dict[str, Any]) -> dict[str, Any]:
     from neuron_embeddings.metrics import layer_metrics
 
     summary = layer_metrics(p.embeddings, p.clusters, p.selection, p.metrics, LAYER, min_examples=5, resamples=10,
-                            fraction=0.8, seed=0)
+                            fraction=0.8, seed=0, weights_path=p.embedding_weights)
     return {"live": summary["live"], "left_out": summary["left_out"],
             "clusters_per_neuron_mean": summary["clusters_per_neuron_mean"],
             "clusters_per_neuron_median": summary["clusters_per_neuron_median"],
@@ -236,7 +238,8 @@ def stage_importance(p: Paths, cfg: dict[str, Any]) -> dict[str, Any]:
 def stage_sweep(p: Paths, cfg: dict[str, Any]) -> dict[str, Any]:
     from neuron_embeddings.sweep import threshold_sweep
 
-    return threshold_sweep(p.embeddings, p.sweep, LAYER, SWEEP_THRESHOLDS, cfg["method"])
+    return threshold_sweep(p.embeddings, p.sweep, LAYER, SWEEP_THRESHOLDS, cfg["method"], selection_path=p.selection,
+                           weights_path=p.embedding_weights)
 
 
 def stage_similar(p: Paths, cfg: dict[str, Any]) -> dict[str, Any]:

@@ -249,3 +249,36 @@ def test_neuron_metrics_undefined_values_are_none():
     assert all_alone["mean_intra_distance"] is None
     assert all_alone["mean_inter_distance"] == pytest.approx(1.0)
     assert all_alone["n_clusters"] == 3
+
+
+def _adjacency(emb, sim, margin, threshold):
+    """The threshold graph as a full boolean matrix, near-threshold entries decided in float64 (the definition
+    threshold_edges keeps)."""
+    edges = sim > threshold
+    i, j = np.nonzero(np.abs(sim - threshold) <= margin)
+    upper = i < j
+    i, j = i[upper], j[upper]
+    if len(i):
+        edges[i, j] = edges[j, i] = clustering.exact_similarity(emb, i, j) > threshold
+    np.fill_diagonal(edges, False)
+    return edges
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 37, 200])
+def test_threshold_edges_are_the_adjacency_matrix_edges(n):
+    """The upper-triangle edge list equals the edges of the full adjacency matrix, in order, including the pairs
+    float32 puts within its error of the threshold (planted: rows that are exact mixtures at the threshold)."""
+    rng = np.random.default_rng(n)
+    emb = rng.standard_normal((n, 24)).astype(np.float32)
+    if n >= 4:  # pairs with cosine 0.5 exactly, so their float32 similarity straddles the threshold
+        base, other = emb[0] / np.linalg.norm(emb[0]), rng.standard_normal(24)
+        other -= other @ base * base
+        emb[1] = (0.5 * base + np.sqrt(0.75) * other / np.linalg.norm(other)).astype(np.float32)
+        emb[2] = emb[0] * 3
+    sim, margin = clustering.gram(emb)
+    assert margin > 0
+    for threshold in (0.5, 0.0, 0.1, -0.2, 0.95):
+        nodes, i, j = clustering.threshold_edges(emb, sim, margin, threshold)
+        ref_nodes, ref_i, ref_j = clustering.edge_list(_adjacency(emb, sim, margin, threshold))
+        assert nodes == ref_nodes == n
+        assert i.tolist() == ref_i.tolist() and j.tolist() == ref_j.tolist()

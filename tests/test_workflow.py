@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_snakemake, tiny_config, write_corpus
-from neuron_embeddings import schemas
+from neuron_embeddings import memory, schemas
 from neuron_embeddings.embeddings import verify_file
 from neuron_embeddings.storage import check_schema, load_tensors, parquet_provenance
 
@@ -71,6 +71,50 @@ def test_every_output_has_its_schema_and_the_invariant_holds(tiny_run):
     summary = json.loads((run / "metrics/summary.json").read_text())
     assert set(summary["layers"]) == {str(layer) for layer in config["layers"]}
     assert summary["layers"]["2"]["clustering"]["threshold"] == 0.2  # per-layer threshold applied
+
+
+def test_remade_embeddings_give_what_the_stored_column_gives(tiny_run, tmp_path):
+    """Clustering, metrics and the sweep remake the embedding column from the selection's x and the weights the
+    embeddings stage wrote beside it: the same outputs as reading the column back. Weights of another layer are
+    refused, naming the file."""
+    from neuron_embeddings.clustering import cluster_layer
+    from neuron_embeddings.errors import PipelineError
+    from neuron_embeddings.metrics import layer_metrics
+    from neuron_embeddings.sweep import threshold_sweep
+    from neuron_embeddings.tables import Remake, embedding_blocks
+
+    workdir, config = tiny_run
+    run = workdir / "results" / config["run"]
+    for layer in config["layers"]:
+        embeddings, selection = run / f"embeddings/layer-{layer}.parquet", run / f"selection/layer-{layer}.safetensors"
+        weights = run / f"embeddings/layer-{layer}.weights.safetensors"
+        remake = Remake(selection, weights)
+        read = list(embedding_blocks(embeddings, ["neuron"]))
+        remade = list(embedding_blocks(embeddings, ["neuron"], remake, rows=7))  # other block cuts, same rows
+        assert np.array_equal(np.concatenate([e for _, e in read]), np.concatenate([e for _, e in remade]))
+        threshold = 0.3 if layer == 0 else 0.2
+        for name, with_remake in (("read", False), ("remade", True)):
+            extra = {"selection_path": selection, "weights_path": weights} if with_remake else {}
+            cluster_layer(embeddings, tmp_path / f"clusters-{name}.parquet", layer, threshold, "threshold_graph", **extra)
+            layer_metrics(embeddings, tmp_path / f"clusters-{name}.parquet", selection, tmp_path / f"metrics-{name}.parquet",
+                          layer, min_examples=3, resamples=4, fraction=0.8, seed=0,
+                          weights_path=weights if with_remake else None)
+            threshold_sweep(embeddings, tmp_path / f"sweep-{name}.parquet", layer, [0.1, 0.5], "threshold_graph", **extra)
+        for stage in ("clusters", "metrics", "sweep"):
+            read_table, remade_table = (pq.read_table(tmp_path / f"{stage}-{how}.parquet") for how in ("read", "remade"))
+            assert remade_table.equals(read_table), (layer, stage)
+        assert pq.read_table(run / f"clusters/layer-{layer}.parquet").equals(pq.read_table(tmp_path / "clusters-remade.parquet"))
+        # what these jobs declare (mem_mb): the selection widened to float32, the weights, a block four times over
+        width = sum(m.shape[1] for m in remake.matrices)
+        assert width == read[0][1].shape[1]
+        parts = memory.remake_bytes(selection.stat().st_size, weights.stat().st_size, width)
+        assert memory.remake_mb(selection, weights) == memory._mb(sum(parts.values()))
+    other = run / f"embeddings/layer-{config['layers'][0]}.weights.safetensors"
+    last = config["layers"][-1]
+    with pytest.raises(PipelineError, match="does not remake"):
+        cluster_layer(run / f"embeddings/layer-{last}.parquet", tmp_path / "wrong.parquet", last, 0.2, "threshold_graph",
+                      selection_path=run / f"selection/layer-{last}.safetensors", weights_path=other)
+    assert not (tmp_path / "wrong.parquet").exists()
 
 
 def test_report_is_html_with_escaped_corpus_text(tiny_run):

@@ -16,6 +16,7 @@ compares averages of similarities with each other, so `agglomerative` keeps floa
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -27,7 +28,7 @@ from scipy.sparse.csgraph import connected_components
 from . import schemas
 from .errors import PipelineError
 from .storage import parquet_provenance, provenance, write_parquet
-from .tables import block_embeddings, neuron_blocks
+from .tables import embedding_blocks, remake_from
 
 METHODS = ("threshold_graph", "agglomerative")
 NO_CLUSTER = -1  # the cluster of every example of a neuron with all-zero embeddings
@@ -72,18 +73,30 @@ def exact_similarity(emb: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarra
     return np.clip(np.einsum("ij,ij->i", unit[index[: len(i)]], unit[index[len(i) :]]), -1.0, 1.0)
 
 
-def adjacency(emb: np.ndarray, sim: np.ndarray, margin: float, threshold: float) -> np.ndarray:
-    """The threshold graph's edges (sim > threshold, no self-loops) as cosine_similarity_matrix would give them:
-    the entries of `sim` within `margin` of the threshold are decided on their float64 value."""
-    edges = sim > threshold
+def threshold_edges(emb: np.ndarray, sim: np.ndarray, margin: float, threshold: float) -> tuple[int, np.ndarray, np.ndarray]:
+    """The threshold graph's edges (sim > threshold; each pair once, i < j, row by row) as cosine_similarity_matrix
+    would give them: the entries of `sim` within `margin` of the threshold are decided on their float64 value. Read
+    from the upper triangle alone, without n x n masks (most of the graph's cost on a 200-example neuron)."""
+    n = len(sim)
+    upper = _upper_triangle(n)
+    values = sim.reshape(-1)[upper]
+    keep = values > threshold
     if margin > 0:
-        i, j = np.nonzero(np.abs(sim - threshold) <= margin)
-        upper = i < j  # the matrix is symmetric: decide each pair once
-        i, j = i[upper], j[upper]
-        if len(i):
-            edges[i, j] = edges[j, i] = exact_similarity(emb, i, j) > threshold
-    np.fill_diagonal(edges, False)
-    return edges
+        near = np.flatnonzero(np.abs(values - threshold) <= margin)
+        if len(near):
+            i, j = np.divmod(upper[near], n)
+            keep[near] = exact_similarity(emb, i, j) > threshold
+    i, j = np.divmod(upper[keep], n)
+    return n, i, j
+
+
+@functools.lru_cache(maxsize=64)
+def _upper_triangle(n: int) -> np.ndarray:
+    """Flat indices of an n x n matrix's entries above the diagonal, row by row (np.nonzero's order)."""
+    i, j = np.triu_indices(n, 1)
+    upper = i * n + j
+    upper.flags.writeable = False
+    return upper
 
 
 def edge_list(graph: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -204,7 +217,7 @@ def cluster_block(emb: np.ndarray, groups: list[tuple[int, int]], threshold: flo
     unit = unit_rows(emb, norms) if emb.dtype == np.float32 else None
     sims = [gram(emb[start:stop], None if unit is None else unit[start:stop]) for start, stop in groups]
     if method == "threshold_graph":
-        graphs = [adjacency(emb[start:stop], sim, margin, threshold) for (start, stop), (sim, margin) in zip(groups, sims)]
+        graphs = [threshold_edges(emb[start:stop], sim, margin, threshold) for (start, stop), (sim, margin) in zip(groups, sims)]
         labels = [_canonical_labels(raw) if len(raw) else raw.astype(np.int64) for raw in components(graphs)]
     else:
         labels = [cluster_labels(cosine_similarity_matrix(emb[start:stop]), threshold, method) for start, stop in groups]
@@ -266,9 +279,12 @@ def row_norms(emb: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", emb, emb, dtype=np.float64)) if emb.size else np.zeros(len(emb))
 
 
-def cluster_layer(embeddings_path: str | os.PathLike, out_path: str | os.PathLike, layer: int, threshold: float, method: str) -> dict[str, Any]:
+def cluster_layer(embeddings_path: str | os.PathLike, out_path: str | os.PathLike, layer: int, threshold: float, method: str,
+                  selection_path: str | os.PathLike | None = None,
+                  weights_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Cluster every neuron of a layer, streaming the embeddings a block of neurons at a time; a neuron found all
-    zero (against the whole layer's norms, known at the end) gets NO_CLUSTER."""
+    zero (against the whole layer's norms, known at the end) gets NO_CLUSTER. Given the layer's selection and the
+    embedding weights (as the workflow gives them), the embeddings are remade from those, not read back."""
     if method not in METHODS:
         raise PipelineError(f"clustering.method: '{method}' is not one of {', '.join(METHODS)}")
     if not -1.0 <= threshold <= 1.0:
@@ -279,9 +295,9 @@ def cluster_layer(embeddings_path: str | os.PathLike, out_path: str | os.PathLik
     neuron_max: dict[int, float] = {}
     spans: dict[int, tuple[int, int]] = {}
     offset = 0
-    for piece in neuron_blocks(embeddings_path, ["layer", "neuron", "expert", "example_rank", "embedding"]):
-        emb = block_embeddings(piece)
-        keys.append(piece.drop_columns(["embedding"]))
+    remake = remake_from(selection_path, weights_path)
+    for piece, emb in embedding_blocks(embeddings_path, ["layer", "neuron", "expert", "example_rank"], remake):
+        keys.append(piece)
         block_norms = row_norms(emb)
         norms.append(block_norms)
         groups = neuron_groups(piece.column("neuron").to_numpy())

@@ -18,7 +18,7 @@ from . import schemas
 from .errors import PipelineError
 from .models import layer_input_weights, read_manifest
 from .storage import load_tensors, provenance, read_parquet, write_parquet_parts
-from .tables import fixed_list, indexed_entries
+from .tables import embed, fixed_list, indexed_entries, save_weights
 from .vocab import TokenTexts
 
 # Relative tolerance on |sum(e) + b - pre| against sum(|e|): float32 accumulation error is ~1e-7 per term.
@@ -78,10 +78,13 @@ def build_embeddings(
     trust_remote_code: bool = False,
     weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     units: dict[str, Any] | None = None,
+    weights_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Embeddings of the layer's neurons; or, given `weights` (per projection (W [n_units, d], b [n_units]), as
     adapters' input_weights) of other units of the layer (an SAE's latents: sae.model.SparseAutoencoder.unit_weights),
     of those units, described in the provenance by `units`. The model is then read only for its tokenizer.
+    `weights_path`: where the units' input weights go, so that the later stages can remake the embedding column
+    (tables.Remake) instead of reading it back.
 
     The embeddings are made, checked and written a block of neurons at a time (one Parquet row group each), from
     the selection's x store: the layer's x * w (1.9 GB for GPT2-small) is never held whole."""
@@ -146,6 +149,8 @@ def build_embeddings(
         invariant_max_relative_error=worst,
         **({"units": units} if units is not None else {}),
     )
+    if weights_path is not None:  # before the table: a table on disk always has its weights beside it
+        save_weights(matrices, weights_path, {**meta, "stage": "embedding_weights"})
     write_parquet_parts(parts(), out_path, schema, meta, uncompressed=["embedding"])
     return {"rows": n, "invariant_max_relative_error": worst}
 
@@ -172,19 +177,6 @@ def neuron_row_blocks(neuron: np.ndarray, rows: int) -> list[tuple[int, int]]:
         blocks.append((start, stop))
         start = stop
     return blocks
-
-
-def embed(store: np.ndarray, x_rows: np.ndarray, neuron: np.ndarray, matrices: list[np.ndarray]) -> np.ndarray:
-    """x * w per row, per projection, concatenated (float32); rows sorted by neuron, so each neuron's weights
-    multiply its rows as one broadcast (no per-row copy of w)."""
-    d = store.shape[1]
-    out = np.empty((len(x_rows), d * len(matrices)), np.float32)
-    x = store[x_rows]
-    bounds = np.append(np.flatnonzero(np.r_[True, neuron[1:] != neuron[:-1]]), len(neuron)) if len(neuron) else [0]
-    for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        for j, w in enumerate(matrices):
-            np.multiply(x[start:stop], w[neuron[start]], out=out[start:stop, j * d : (j + 1) * d])
-    return out
 
 
 def read_windows(corpus_shards: list[str | os.PathLike]) -> dict[str, np.ndarray]:

@@ -29,10 +29,10 @@ import numpy as np
 import pyarrow as pa
 
 from . import schemas
-from .clustering import (NO_CLUSTER, _canonical_labels, adjacency, cluster_labels, components, cosine_similarity_matrix,
-                         edge_list, gram, neuron_groups, row_norms, unit_rows)
+from .clustering import (NO_CLUSTER, _canonical_labels, cluster_labels, components, cosine_similarity_matrix, gram,
+                         neuron_groups, row_norms, threshold_edges, unit_rows)
 from .storage import load_tensors, parquet_provenance, provenance, read_parquet, write_parquet
-from .tables import block_embeddings, neuron_blocks, store_rows
+from .tables import embedding_blocks, remake_from, store_rows
 
 STATUSES = ("live", "few_examples", "dead")
 
@@ -152,11 +152,11 @@ def graph_baselines(emb: np.ndarray, sim: np.ndarray, margin: float, x: np.ndarr
     subgraph of the neuron's own graph, which is what reclustering the subset alone gives), and a function that
     turns their components into the two baselines."""
     x_sim, x_margin = gram(x, unit_x)
-    graphs: list[Any] = [edge_list(adjacency(x, x_sim, x_margin, threshold))]
+    graphs: list[Any] = [threshold_edges(x, x_sim, x_margin, threshold)]
     if subsets is not None:
         # Each subset's graph: the neuron's edges between two of its members, on the neuron's node numbers (the
         # others are left isolated and not read back).
-        n, i, j = edge_list(adjacency(emb, sim, margin, threshold))
+        n, i, j = threshold_edges(emb, sim, margin, threshold)
         inside = np.zeros((len(subsets), n), bool)
         for r, subset in enumerate(subsets):
             inside[r, subset] = True
@@ -194,11 +194,13 @@ def layer_metrics(
     resamples: int,
     fraction: float,
     seed: int,
+    weights_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """One row per unit of the layer (every neuron, or every latent of an SAE), with its status and baselines.
 
-    The embeddings are streamed a block of neurons at a time; the threshold graphs of a block's baselines (x
-    alone, and every resample) go through one connected-components call."""
+    The embeddings are streamed a block of neurons at a time (remade from the selection and `weights_path`, the
+    embedding weights, when given: clustering.cluster_layer); the threshold graphs of a block's baselines (x alone,
+    and every resample) go through one connected-components call."""
     clusters = read_parquet(clusters_path, schemas.CLUSTERS)
     settings = parquet_provenance(clusters_path).get("settings") or {}
     threshold, method = float(settings["threshold"]), str(settings["method"])
@@ -209,14 +211,14 @@ def layer_metrics(
     n_units = len(state["stat_max"])
     fired = unit_scores(state, sign) > 0
     duplicates = state["duplicates"] if "duplicates" in state else np.zeros(n_units, np.int32)
-    x_rows, x_store = store_rows(selection_path)
+    remake = remake_from(selection_path, weights_path)
+    x_rows, x_store = (remake.x_rows, remake.store) if remake is not None else store_rows(selection_path)
     unit_store = unit_rows(x_store) if method == "threshold_graph" else None  # once per distinct x, not per example
     measured: dict[int, dict[str, Any]] = {}
     sizes: dict[int, int] = {}
     experts: dict[int, Any] = {}
     offset = 0
-    for piece in neuron_blocks(embeddings_path, ["neuron", "expert", "token_id", "embedding"]):
-        emb = block_embeddings(piece)
+    for piece, emb in embedding_blocks(embeddings_path, ["neuron", "expert", "token_id"], remake):
         token_ids = piece.column("token_id").to_numpy()
         expert = piece.column("expert").to_pylist()
         live_groups = []

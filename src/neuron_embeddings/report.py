@@ -18,6 +18,7 @@ from .figures import hist
 from .metrics import live, pick_neurons
 from .pages import render
 from .storage import atomic_path, parquet_provenance, read_parquet
+from .tables import read_columns
 
 MAX_CLUSTERS_SHOWN = 8
 
@@ -146,7 +147,8 @@ def write_report(
         shown = set(most) | set(least)
         if not shown:
             continue
-        emb = read_parquet(embeddings_paths[layer], schemas.EMBEDDINGS).drop_columns(["embedding"])
+        emb = read_columns(embeddings_paths[layer], schemas.EMBEDDINGS,  # not the embedding column: seconds to decode
+                           [name for name in schemas.EMBEDDINGS.names if name != "embedding"])
         clusters = read_parquet(clusters_paths[layer], schemas.CLUSTERS)
         keep = np.isin(emb.column("neuron").to_numpy(), list(shown))
         rows = emb.filter(pa.array(keep)).to_pylist()

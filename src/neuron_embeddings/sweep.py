@@ -26,22 +26,23 @@ from .errors import PipelineError
 from .figures import hist
 from .metrics import live
 from .storage import atomic_path, parquet_provenance, provenance, read_parquet, write_parquet
-from .tables import block_embeddings, neuron_blocks
+from .tables import embedding_blocks, remake_from
 
 
 def threshold_sweep(
-    embeddings_path: str | os.PathLike, out_path: str | os.PathLike, layer: int, thresholds: list[float], method: str
+    embeddings_path: str | os.PathLike, out_path: str | os.PathLike, layer: int, thresholds: list[float], method: str,
+    selection_path: str | os.PathLike | None = None, weights_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Clusters per unit at each threshold. One tree per unit serves every threshold: single linkage for the
     threshold graph (its components at t are the subtrees joined above similarity t), average linkage cut at each
-    threshold for agglomerative. The embeddings are streamed a block of neurons at a time."""
+    threshold for agglomerative. The embeddings are streamed a block of neurons at a time (remade from the selection
+    and the embedding weights, when given: cluster_layer)."""
     if method not in METHODS:
         raise PipelineError(f"clustering.method: '{method}' is not one of {', '.join(METHODS)}")
     thresholds = sorted(float(t) for t in thresholds)
     neurons, counts, norms = [], [], []
     neuron_max: dict[int, float] = {}
-    for piece in neuron_blocks(embeddings_path, ["neuron", "embedding"]):
-        emb = block_embeddings(piece)
+    for piece, emb in embedding_blocks(embeddings_path, ["neuron"], remake_from(selection_path, weights_path)):
         block_norms = row_norms(emb)
         norms.append(block_norms)
         unit = unit_rows(emb, block_norms) if method == "threshold_graph" and emb.dtype == np.float32 else None

@@ -52,6 +52,8 @@ rule similar_features:
 rule threshold_sweep:
     input:
         embeddings=f"{RUN}/embeddings/layer-{{layer}}.parquet",
+        selection=f"{RUN}/selection/layer-{{layer}}.safetensors",
+        embedding_weights=f"{RUN}/embeddings/layer-{{layer}}.weights.safetensors",
     output:
         sweep=f"{RUN}/sweep/layer-{{layer}}.parquet",
     log:
@@ -60,6 +62,8 @@ rule threshold_sweep:
         f"{RUN}/benchmarks/threshold_sweep/layer-{{layer}}.tsv"
     conda:
         ENV
+    resources:
+        mem_mb=remake_mem_mb,
     params:
         thresholds=ANALYSES["sweep"]["thresholds"],
         method=config["clustering"]["method"],

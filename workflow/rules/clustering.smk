@@ -1,6 +1,8 @@
 rule cluster_features:
     input:
         embeddings="results/{run}/embeddings/layer-{layer}.parquet",
+        selection="results/{run}/selection/layer-{layer}.safetensors",
+        embedding_weights="results/{run}/embeddings/layer-{layer}.weights.safetensors",
     output:
         clusters="results/{run}/clusters/layer-{layer}.parquet",
     log:
@@ -9,6 +11,8 @@ rule cluster_features:
         "results/{run}/benchmarks/cluster_features/layer-{layer}.tsv"
     conda:
         ENV
+    resources:
+        mem_mb=remake_mem_mb,
     params:
         layer=lambda wildcards: int(wildcards.layer),
         method=config["clustering"]["method"],

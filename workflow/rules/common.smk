@@ -414,6 +414,11 @@ def embedding_mem_mb(wildcards, input, attempt):
     return attempt * memory.embedding_mb(_prepared_shape(input), _examples_per_neuron())
 
 
+def remake_mem_mb(wildcards, input, attempt):
+    """Clustering, metrics and the sweep: the selection and the embedding weights they remake the embeddings from."""
+    return attempt * memory.remake_mb(input.selection, input.embedding_weights)
+
+
 def _deepest_layer(wildcards):
     if "layer" in wildcards.keys():
         return int(wildcards.layer)

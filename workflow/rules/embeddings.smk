@@ -5,6 +5,8 @@ rule embed_neurons:
         corpus=corpus_shards,
     output:
         embeddings="results/{run}/embeddings/layer-{layer}.parquet",
+        # the units' input weights, so the later stages remake the embedding column instead of reading it back
+        embedding_weights="results/{run}/embeddings/layer-{layer}.weights.safetensors",
     log:
         "results/{run}/logs/embed_neurons/layer-{layer}.log",
     benchmark:

@@ -3,6 +3,7 @@ rule neuron_metrics:
         embeddings="results/{run}/embeddings/layer-{layer}.parquet",
         clusters="results/{run}/clusters/layer-{layer}.parquet",
         selection="results/{run}/selection/layer-{layer}.safetensors",
+        embedding_weights="results/{run}/embeddings/layer-{layer}.weights.safetensors",
     output:
         metrics="results/{run}/metrics/layer-{layer}.parquet",
     log:
@@ -11,6 +12,8 @@ rule neuron_metrics:
         "results/{run}/benchmarks/neuron_metrics/layer-{layer}.tsv"
     conda:
         ENV
+    resources:
+        mem_mb=remake_mem_mb,
     params:
         layer=lambda wildcards: int(wildcards.layer),
         settings=metric_settings(),

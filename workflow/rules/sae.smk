@@ -167,6 +167,7 @@ rule embed_sae_latents:
         corpus=CORPUS_SHARDS,
     output:
         embeddings=f"{SAE_DIR}/{{sae}}/embeddings.parquet",
+        embedding_weights=f"{SAE_DIR}/{{sae}}/embedding-weights.safetensors",
     log:
         f"{RUN}/logs/embed_sae_latents/{{sae}}.log",
     benchmark:
@@ -185,6 +186,8 @@ use rule cluster_features as cluster_sae_latents with:
     # The same clusterer and threshold as the neurons of the SAE's layer.
     input:
         embeddings=f"{SAE_DIR}/{{sae}}/embeddings.parquet",
+        selection=f"{SAE_DIR}/{{sae}}/selection.safetensors",
+        embedding_weights=f"{SAE_DIR}/{{sae}}/embedding-weights.safetensors",
     output:
         clusters=f"{SAE_DIR}/{{sae}}/clusters.parquet",
     log:
@@ -203,6 +206,7 @@ use rule neuron_metrics as sae_latent_metrics with:
         embeddings=f"{SAE_DIR}/{{sae}}/embeddings.parquet",
         clusters=f"{SAE_DIR}/{{sae}}/clusters.parquet",
         selection=f"{SAE_DIR}/{{sae}}/selection.safetensors",
+        embedding_weights=f"{SAE_DIR}/{{sae}}/embedding-weights.safetensors",
     output:
         metrics=f"{SAE_DIR}/{{sae}}/metrics.parquet",
     log:

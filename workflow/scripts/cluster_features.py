@@ -6,7 +6,8 @@ layer = snakemake.params.layer
 run_stage(
     f"{snakemake.rule} layer {layer}",
     lambda: cluster_layer(
-        snakemake.input.embeddings, snakemake.output.clusters, layer, snakemake.params.threshold, snakemake.params.method
+        snakemake.input.embeddings, snakemake.output.clusters, layer, snakemake.params.threshold, snakemake.params.method,
+        selection_path=snakemake.input.selection, weights_path=snakemake.input.embedding_weights,
     ),
     snakemake.log[0],
 )

@@ -11,6 +11,7 @@ run_stage(
         snakemake.output.embeddings,
         layer,
         trust_remote_code=snakemake.params.trust_remote_code,
+        weights_path=snakemake.output.embedding_weights,
     ),
     snakemake.log[0],
 )

@@ -15,6 +15,7 @@ run_stage(
         snakemake.params.layer,
         name,
         trust_remote_code=snakemake.params.trust_remote_code,
+        weights_path=snakemake.output.embedding_weights,
     ),
     snakemake.log[0],
 )

@@ -7,7 +7,7 @@ run_stage(
     f"{snakemake.rule} layer {layer}",
     lambda: layer_metrics(
         snakemake.input.embeddings, snakemake.input.clusters, snakemake.input.selection, snakemake.output.metrics, layer,
-        **snakemake.params.settings,
+        **snakemake.params.settings, weights_path=snakemake.input.embedding_weights,
     ),
     snakemake.log[0],
 )

@@ -13,9 +13,9 @@ from .saelens_io import load_sae
 
 def embed_latents(selection_path: str | os.PathLike, sae_dir: str | os.PathLike, model_dir: str | os.PathLike,
                   corpus_shards: list[str | os.PathLike], out_path: str | os.PathLike, layer: int, name: str,
-                  trust_remote_code: bool) -> dict[str, Any]:
+                  trust_remote_code: bool, weights_path: str | os.PathLike | None = None) -> dict[str, Any]:
     sae = load_sae(sae_dir)
     units = {"kind": "sae_latents", "sae": name, "architecture": sae.architecture, "d_sae": sae.d_sae,
              "projections": ["W_enc"]}
     return build_embeddings(selection_path, model_dir, corpus_shards, out_path, layer, trust_remote_code,
-                            weights=sae.unit_weights(), units=units)
+                            weights=sae.unit_weights(), units=units, weights_path=weights_path)
