@@ -282,3 +282,24 @@ def test_threshold_edges_are_the_adjacency_matrix_edges(n):
         ref_nodes, ref_i, ref_j = clustering.edge_list(_adjacency(emb, sim, margin, threshold))
         assert nodes == ref_nodes == n
         assert i.tolist() == ref_i.tolist() and j.tolist() == ref_j.tolist()
+
+
+@pytest.mark.parametrize("method", ["threshold_graph", "agglomerative"])
+def test_sweep_counts_are_the_clusterings_counts(method):
+    """The sweep's one tree per neuron gives, at every threshold, the cluster count of clustering that neuron at
+    that threshold (cluster_labels on the float64 similarities), near-threshold float32 entries included."""
+    from neuron_embeddings.sweep import cluster_counts
+
+    rng = np.random.default_rng(7)
+    thresholds = [-0.1, 0.0, 0.05, 0.2, 0.5, 0.9]
+    for trial in range(25):
+        n = int(rng.integers(1, 70))
+        emb = rng.standard_normal((n, 16)).astype(np.float32)
+        if trial % 2 and n >= 3:  # repeated rows and an exact cosine of 0.5
+            emb[1] = emb[0] * 2
+            base, other = emb[0] / np.linalg.norm(emb[0]), rng.standard_normal(16)
+            other -= other @ base * base
+            emb[2] = (0.5 * base + np.sqrt(0.75) * other / np.linalg.norm(other)).astype(np.float32)
+        sim = clustering.cosine_similarity_matrix(emb)
+        expected = [int(clustering.cluster_labels(sim, t, method).max()) + 1 if n else 0 for t in thresholds]
+        assert cluster_counts(emb, thresholds, method) == expected, (trial, n)

@@ -78,7 +78,7 @@ def threshold_edges(emb: np.ndarray, sim: np.ndarray, margin: float, threshold: 
     would give them: the entries of `sim` within `margin` of the threshold are decided on their float64 value. Read
     from the upper triangle alone, without n x n masks (most of the graph's cost on a 200-example neuron)."""
     n = len(sim)
-    upper = _upper_triangle(n)
+    upper = upper_triangle(n)
     values = sim.reshape(-1)[upper]
     keep = values > threshold
     if margin > 0:
@@ -91,7 +91,7 @@ def threshold_edges(emb: np.ndarray, sim: np.ndarray, margin: float, threshold: 
 
 
 @functools.lru_cache(maxsize=64)
-def _upper_triangle(n: int) -> np.ndarray:
+def upper_triangle(n: int) -> np.ndarray:
     """Flat indices of an n x n matrix's entries above the diagonal, row by row (np.nonzero's order)."""
     i, j = np.triu_indices(n, 1)
     upper = i * n + j
@@ -138,7 +138,6 @@ def threshold_graph(sim: np.ndarray, threshold: float) -> np.ndarray:
 def agglomerative(sim: np.ndarray, threshold: float) -> np.ndarray:
     """Average linkage on cosine distance, merging while the linkage distance is below 1 - threshold (scikit-learn's
     AgglomerativeClustering with distance_threshold, computed with scipy: the same clusters, ~100x faster)."""
-    from scipy.cluster.hierarchy import fcluster
     from scipy.spatial.distance import squareform
 
     if len(sim) < 2:
@@ -146,24 +145,41 @@ def agglomerative(sim: np.ndarray, threshold: float) -> np.ndarray:
     dist = 1.0 - sim
     np.fill_diagonal(dist, 0.0)
     tree = average_linkage(squareform(dist, checks=False), len(sim))
-    cut = np.nextafter(1.0 - threshold, -np.inf)
+    return _canonical_labels(clusters_at(tree, np.nextafter(1.0 - threshold, -np.inf)))
+
+
+def clusters_at(tree: np.ndarray, cut: float) -> np.ndarray:
+    """fcluster(tree, cut, criterion="distance") - 1, up to the numbering (0 .. k-1, in no particular order)."""
+    from scipy.cluster.hierarchy import fcluster
+
     heights = tree[:, 2]
     if np.any(heights[1:] < heights[:-1]):  # never from scipy's average linkage (sorted); fcluster handles it
-        return _canonical_labels(fcluster(tree, cut, criterion="distance") - 1)
-    return _canonical_labels(merged_below(tree, int(np.searchsorted(heights, cut, side="right"))))
+        return fcluster(tree, cut, criterion="distance") - 1
+    _, labels = np.unique(merged_below(tree, int(np.searchsorted(heights, cut, side="right"))), return_inverse=True)
+    return labels.reshape(-1)
 
 
 def average_linkage(condensed: np.ndarray, n: int) -> np.ndarray:
     """scipy's linkage(condensed, method="average"): its nearest-neighbour-chain core, called directly where scipy
     has it, since the public call's array-API dispatch and checks cost 3x the clustering of a 40-example neuron
     (tests compare the two)."""
+    return _linkage(condensed, n, "average", "nn_chain")
+
+
+def single_linkage(condensed: np.ndarray, n: int) -> np.ndarray:
+    """scipy's linkage(condensed, method="single"), its minimum-spanning-tree core called directly likewise."""
+    return _linkage(condensed, n, "single", "mst_single_linkage")
+
+
+def _linkage(condensed: np.ndarray, n: int, method: str, core_name: str) -> np.ndarray:
     from scipy.cluster import hierarchy
 
-    core = getattr(getattr(hierarchy, "_hierarchy", None), "nn_chain", None)
-    code = getattr(hierarchy, "_LINKAGE_METHODS", {}).get("average")
+    core = getattr(getattr(hierarchy, "_hierarchy", None), core_name, None)
+    code = getattr(hierarchy, "_LINKAGE_METHODS", {}).get(method)
     if core is None or code is None or not np.isfinite(condensed).all():
-        return hierarchy.linkage(condensed, method="average")
-    return np.asarray(core(np.ascontiguousarray(condensed, dtype=np.float64), n, code))
+        return hierarchy.linkage(condensed, method=method)
+    data = np.ascontiguousarray(condensed, dtype=np.float64)
+    return np.asarray(core(data, n) if method == "single" else core(data, n, code))
 
 
 def merged_below(tree: np.ndarray, merges: int) -> np.ndarray:

@@ -118,7 +118,9 @@ def token_identity(labels: np.ndarray, token_ids: np.ndarray) -> dict[str, float
     new_token = first_of_cluster | np.r_[True, token_ids[order][1:] != token_ids[order][:-1]]
     distinct = np.add.reduceat(new_token.astype(np.int64), np.flatnonzero(first_of_cluster)) if len(labels) else np.zeros(0, int)
     single = (distinct == 1).tolist()
-    return {"ari_token": adjusted_rand(labels, token_ids), "single_token_cluster_share": float(np.mean(single))}
+    ari = adjusted_rand(labels, token_ids) if len(labels) < 2 or labels.min() < 0 else adjusted_rand_codes(
+        labels, np.unique(token_ids, return_inverse=True)[1].reshape(-1))  # canonical labels are codes already
+    return {"ari_token": ari, "single_token_cluster_share": float(np.mean(single))}
 
 
 def input_only(x: np.ndarray, labels: np.ndarray, threshold: float, method: str) -> dict[str, Any]:
@@ -165,7 +167,8 @@ def graph_baselines(emb: np.ndarray, sim: np.ndarray, margin: float, x: np.ndarr
 
     def finish(parts: list[np.ndarray]) -> dict[str, Any]:
         x_labels = _canonical_labels(parts[0])
-        out: dict[str, Any] = {"n_clusters_input": int(x_labels.max()) + 1, "ari_input": adjusted_rand(labels, x_labels)}
+        out: dict[str, Any] = {"n_clusters_input": int(x_labels.max()) + 1,  # both canonical: codes already
+                               "ari_input": adjusted_rand_codes(labels, x_labels) if len(labels) >= 2 else 1.0}
         if subsets is None:
             out["stability"] = None
         else:  # component ids of one graph are consecutive: shifted to 0 they are codes

@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import schemas
-from .clustering import (METHODS, cosine_similarity_matrix, exact_similarity, gram, layer_zero_neurons, neuron_groups,
-                         row_norms, unit_rows)
+from .clustering import (METHODS, average_linkage, clusters_at, cosine_similarity_matrix, exact_similarity, gram,
+                         layer_zero_neurons, neuron_groups, row_norms, single_linkage, unit_rows, upper_triangle)
 from .errors import PipelineError
 from .figures import hist
 from .metrics import live
@@ -71,7 +71,6 @@ def threshold_sweep(
 def cluster_counts(emb: np.ndarray, thresholds: list[float], method: str, unit: np.ndarray | None = None) -> list[int]:
     """How many clusters `method` finds in one neuron's examples at each threshold: the counts of
     clustering.cluster_labels on cosine_similarity_matrix, threshold by threshold, from one tree."""
-    from scipy.cluster.hierarchy import fcluster, linkage
     from scipy.spatial.distance import squareform
 
     n = len(emb)
@@ -79,22 +78,23 @@ def cluster_counts(emb: np.ndarray, thresholds: list[float], method: str, unit: 
         return [n] * len(thresholds)
     if method == "threshold_graph":
         sim, margin = gram(emb, unit)
-        sim = sim.astype(np.float64)
+        upper = upper_triangle(n)
+        values = sim.reshape(-1)[upper].astype(np.float64)  # the condensed similarities, row by row
         if margin > 0:  # entries that float32 rounding could put across a threshold take their float64 value
-            near = np.zeros(sim.shape, bool)
+            near = np.zeros(len(values), bool)
             for t in thresholds:
-                near |= np.abs(sim - t) <= margin
-            i, j = np.nonzero(np.triu(near, 1))
-            if len(i):
-                sim[i, j] = sim[j, i] = exact_similarity(emb, i, j)
+                near |= np.abs(values - t) <= margin
+            near = np.flatnonzero(near)
+            if len(near):
+                values[near] = exact_similarity(emb, *np.divmod(upper[near], n))
         # Single linkage on -similarity: its merge heights are the maximum spanning tree's similarities, exactly
         # as given; the components of "similarity > t" are n minus the merges above t.
-        joined = -linkage(-sim[np.triu_indices(n, 1)], method="single")[:, 2]
+        joined = -single_linkage(-values, n)[:, 2]
         return [n - int(np.count_nonzero(joined > t)) for t in thresholds]
     dist = 1.0 - cosine_similarity_matrix(emb)
     np.fill_diagonal(dist, 0.0)
-    tree = linkage(squareform(dist, checks=False), method="average")
-    return [int(fcluster(tree, np.nextafter(1.0 - t, -np.inf), criterion="distance").max()) for t in thresholds]
+    tree = average_linkage(squareform(dist, checks=False), n)
+    return [int(clusters_at(tree, np.nextafter(1.0 - t, -np.inf)).max()) + 1 for t in thresholds]
 
 
 def sweep_curve(sweep: pa.Table, units: Any = None) -> dict[str, list[float]]:
