@@ -305,3 +305,23 @@ def test_auto_sign_is_both_for_gated_mlps_and_positive_otherwise():
     assert resolve_sign("auto", SimpleNamespace(n_projections=2)) == "both"  # act(gate) * up
     assert resolve_sign("auto", SimpleNamespace(n_projections=1)) == "positive"  # GELU, ReLU
     assert resolve_sign("negative", SimpleNamespace(n_projections=2)) == "negative"
+
+
+def test_token_texts_are_optional(tiny_llama, tmp_path):
+    """A tokenizer that cannot decode id by id gets no table, and a folder without one (prepared by an earlier
+    version) is read through its tokenizer."""
+    from neuron_embeddings.models import load_tokenizer
+    from neuron_embeddings.vocab import TOKEN_TEXTS, TokenTexts, write_token_texts
+
+    class Refuses:
+        def __len__(self):
+            return 3
+
+        def batch_decode(self, ids):
+            raise ValueError("no")
+
+    assert write_token_texts(Refuses(), tmp_path) == 0 and not (tmp_path / TOKEN_TEXTS).exists()
+    assert not (tiny_llama / TOKEN_TEXTS).exists()
+    tokenizer, texts = load_tokenizer(tiny_llama), TokenTexts(tiny_llama)
+    assert [texts(i) for i in range(20)] == [tokenizer.decode([i]) for i in range(20)]
+    assert texts.special_id("pad_token_id") == tokenizer.pad_token_id

@@ -70,6 +70,8 @@ def inspect_source(spec: ModelSource) -> Inspection:
 
     try:
         config = source_config(spec)
+    except PipelineError:  # the source itself is wrong (a missing folder, not a GGUF file): already one line
+        raise
     except Exception as exc:  # transformers raises many types; the user needs the source and the reason
         raise PipelineError(f"model.source: could not read the config of '{spec.source}': {_one_line(exc)}") from None
     family = getattr(config, "model_type", "")

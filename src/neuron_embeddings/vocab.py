@@ -8,17 +8,24 @@ folder prepared before the table existed, or an id past its end, falls back to t
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 TOKEN_TEXTS = "token_texts.json"
+log = logging.getLogger(__name__)
 
 
 def write_token_texts(tokenizer: Any, folder: str | os.PathLike) -> int:
-    """Decode every id of the tokenizer (added tokens too) alone, as TokenTexts gives them; the entry count."""
-    size = len(tokenizer)
-    texts = tokenizer.batch_decode([[i] for i in range(size)])
+    """Decode every id of the tokenizer (added tokens too) alone, as TokenTexts gives them; the entry count. A
+    tokenizer that cannot decode its ids one by one gets no table (0): the stages then load it, as before."""
+    try:
+        size = len(tokenizer)
+        texts = tokenizer.batch_decode([[i] for i in range(size)])
+    except Exception as exc:  # a tokenizer's own failure: the table is an optimisation, never a requirement
+        log.warning("token texts not written (%s: %s): later stages will load the tokenizer", type(exc).__name__, exc)
+        return 0
     record = {"texts": texts, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     (Path(folder) / TOKEN_TEXTS).write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
     return size
