@@ -145,7 +145,7 @@ def _check_remake(path: str | os.PathLike, remake: Remake) -> None:
             return
         first = reader.read_row_group(0, columns=["neuron", "embedding"])
     except (OSError, pa.ArrowInvalid, KeyError) as exc:
-        raise PipelineError(f"{path}: not a readable embeddings table ({exc})") from None
+        raise PipelineError(f"{path}: not a readable Parquet file ({exc})") from None
     stored = block_embeddings(first)
     if first.num_rows > len(remake.x_rows) or not np.array_equal(
             remake.rows(0, first.num_rows, first.column("neuron").to_numpy()), stored):
