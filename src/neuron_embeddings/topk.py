@@ -169,9 +169,7 @@ def make_batch(act, pre, x, valid, token_index, where: str = "", sign: str = "po
     rows = valid.reshape(-1).nonzero(as_tuple=True)[0]
     if rows.numel() == 0:
         return None
-    flat = act.reshape(B * T, N)
-    # Every token valid (full windows): the reshaped activations themselves, no copy (in fp32 no new tensor at all)
-    act_flat = (flat if rows.numel() == B * T else flat[rows]).float()
+    act_flat = act.reshape(B * T, N)[rows].float()
     scores = score(act_flat, sign)
     if unit_valid is not None:
         routed = unit_valid.to(device).reshape(B * T, N)[rows]
