@@ -149,14 +149,14 @@ def agglomerative(sim: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def clusters_at(tree: np.ndarray, cut: float) -> np.ndarray:
-    """fcluster(tree, cut, criterion="distance") - 1, up to the numbering (0 .. k-1, in no particular order)."""
+    """Each leaf's cluster under fcluster(tree, cut, criterion="distance"), as some id per cluster (not numbered
+    0 .. k-1: callers renumber or count)."""
     from scipy.cluster.hierarchy import fcluster
 
     heights = tree[:, 2]
     if np.any(heights[1:] < heights[:-1]):  # never from scipy's average linkage (sorted); fcluster handles it
-        return fcluster(tree, cut, criterion="distance") - 1
-    _, labels = np.unique(merged_below(tree, int(np.searchsorted(heights, cut, side="right"))), return_inverse=True)
-    return labels.reshape(-1)
+        return fcluster(tree, cut, criterion="distance")
+    return merged_below(tree, int(np.searchsorted(heights, cut, side="right")))
 
 
 def average_linkage(condensed: np.ndarray, n: int) -> np.ndarray:

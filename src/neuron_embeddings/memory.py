@@ -126,27 +126,27 @@ def embedding_mb(shape: Shape | None, examples: int) -> int:
     return _mb(sum(embedding_bytes(shape, examples).values()))
 
 
-REMAKE_BLOCK_ROWS = 8192  # tables.BLOCK_ROWS
-
-
 def remake_bytes(selection_bytes: int, weights_bytes: int, width: int) -> dict[str, float]:
     """Peak memory of a stage that streams a layer's embeddings remade from the selection (clustering, metrics,
     the sweep; tables.Remake): the selection read whole with its x stores widened to float32 (at most twice the
     file), the embedding weights, and a block of rows held four times over (x, the embeddings, their unit rows)."""
+    from .tables import BLOCK_ROWS
+
     return {
         "selection": 2 * selection_bytes,
         "weights": weights_bytes,
-        "blocks": 4 * 4 * REMAKE_BLOCK_ROWS * width,
+        "blocks": 4 * 4 * BLOCK_ROWS * width,
     }
 
 
 def remake_mb(selection: str | os.PathLike, weights: str | os.PathLike) -> int:
     """remake_bytes for these files (sizes from disk, the embedding width from the weights file's header);
     FileNotFoundError until they exist (Snakemake then evaluates it again)."""
+    from safetensors import safe_open
+
     sizes = [os.path.getsize(selection), os.path.getsize(weights)]
-    with open(weights, "rb") as handle:  # safetensors: a little-endian u64 header length, then the JSON header
-        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-    width = sum(int(entry["shape"][-1]) for name, entry in header.items() if name.startswith("weight."))
+    with safe_open(str(weights), framework="numpy") as handle:  # the header only: no tensor is read
+        width = sum(int(handle.get_slice(name).get_shape()[-1]) for name in handle.keys() if name.startswith("weight."))
     return _mb(sum(remake_bytes(sizes[0], sizes[1], width).values()))
 
 

@@ -94,7 +94,7 @@ def cluster_counts(emb: np.ndarray, thresholds: list[float], method: str, unit: 
     dist = 1.0 - cosine_similarity_matrix(emb)
     np.fill_diagonal(dist, 0.0)
     tree = average_linkage(squareform(dist, checks=False), n)
-    return [int(clusters_at(tree, np.nextafter(1.0 - t, -np.inf)).max()) + 1 for t in thresholds]
+    return [len(np.unique(clusters_at(tree, np.nextafter(1.0 - t, -np.inf)))) for t in thresholds]
 
 
 def sweep_curve(sweep: pa.Table, units: Any = None) -> dict[str, list[float]]:
