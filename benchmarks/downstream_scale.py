@@ -414,7 +414,27 @@ def print_table(rows: list[dict[str, Any]], p: Paths) -> None:
         total, files, largest = folder_size(p.explorer)
         lines.append(f"{'explorer size on disk':<24} {total / MB:.1f} MB in {files} files (largest {largest / MB:.2f} MB);"
                      f" target <= {EXPLORER_TARGET_MB:g} MB: met? {ok(total / MB <= EXPLORER_TARGET_MB)}")
+    if "embeddings" in by and p.embeddings.exists():
+        lines.append(write_floor(p.embeddings))
     print("\n".join(lines))
+
+
+def write_floor(table: Path) -> str:
+    """How long writing the embeddings file's size in plain bytes takes on this machine's file system: the floor
+    under the embeddings stage, whatever its format (on a VM the page cache itself can fill at well under 1 GB/s)."""
+    size = table.stat().st_size
+    block = os.urandom(1 << 20) * 64
+    probe = table.with_name("write-floor.tmp")
+    start = time.perf_counter()
+    try:
+        with open(probe, "wb") as out:
+            for _ in range(0, size, len(block)):
+                out.write(block)
+        seconds = time.perf_counter() - start
+    finally:
+        probe.unlink(missing_ok=True)
+    return (f"{'write floor':<24} {seconds:8.1f} s to write the embeddings file's {size / 1e9:.2f} GB as raw bytes here "
+            f"({size / 1e9 / seconds:.2f} GB/s): the part of the embeddings stage no format change removes")
 
 
 def print_profile(path: Path, top: int = 25) -> None:
