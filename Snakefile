@@ -7,7 +7,11 @@ from snakemake.utils import min_version
 min_version("8.20")
 
 
-configfile: "config.yaml"
+# A run is one YAML file: config.yaml (the demo) unless --configfile names another. Snakemake would merge the two
+# key by key, so a user's config would inherit the demo's models, SAE and settings it leaves out.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 report: "workflow/report/workflow.rst"

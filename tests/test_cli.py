@@ -47,3 +47,26 @@ def test_verify_rejects_a_file_whose_sums_disagree(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "bad.parquet")]) == 1
     err = capsys.readouterr().err
     assert "bad.parquet" in err and "invariant fails" in err and err.count("\n") == 1
+
+
+def test_configfile_is_the_whole_config_not_merged_over_the_demo(tiny_llama, tmp_path):
+    """README: `snakemake --configfile FILE` runs FILE alone. Snakemake merges a Snakefile's `configfile:` under the
+    command line's key by key, which gave a `model:` config the demo's `models:` too (refused as both) and would
+    give any config the demo's SAE, analyses and explorer settings it leaves out."""
+    import subprocess
+    import yaml
+
+    from conftest import REPO, SNAKEMAKE, tiny_config, write_corpus
+
+    config = tiny_config(tiny_llama, write_corpus(tmp_path / "corpus"), run="own-config")
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = subprocess.run(
+        [*SNAKEMAKE, "-n", "--cores", "1", "--configfile", str(path), "--printshellcmds"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "results/own-config/report/index.html" in out
+    assert "train_sae" not in out and "compare_models" not in out  # the demo's SAE and its second model
