@@ -80,6 +80,8 @@ CONFIG_CASES = [
     ("corpus.window_tokens", 256, ["corpus.window_tokens", "256", "128 positions"]),  # longer than the model
     ("corpus.min_window_tokens", 40, ["corpus.min_window_tokens", "40", "16"]),
     ("model.source", KeyError, ["model", "'source' is a required property"]),
+    ("models", [{"name": "a", "source": "gpt2"}], ["model", "models", "not both"]),  # not the whole config dumped
+    ("model", KeyError, ["model", "models", "found neither"]),
     ("selection", {"mode": "threshold", "passes": 1, "quantiles": {"bins": 2, "per_bin": 1}},
      ["selection.passes", "quantiles"]),  # bins are fractions of the final max: one pass cannot sample them
 ]

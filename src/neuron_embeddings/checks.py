@@ -66,6 +66,14 @@ def validate_config(config: dict[str, Any], schema_path: str | os.PathLike) -> N
     error = best_match(Draft202012Validator(schema).iter_errors(config))
     if error is None:
         return
+    if error.validator == "oneOf" and not error.absolute_path and isinstance(config, dict):
+        # The root's one oneOf: model or models (jsonschema's own message repeats the whole config).
+        given = [key for key in ("model", "models") if key in config]
+        if len(given) != 1:
+            raise PipelineError(
+                "config: set either model: {source: ...} (one model) or models: [...] (several), "
+                + ("not both" if given else "found neither")
+            )
     # Descend into oneOf/anyOf to the alternative whose type fits the value (1.5 is "above the maximum of 1",
     # not "valid under none of the given schemas").
     while error.context:
