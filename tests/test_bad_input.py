@@ -82,6 +82,7 @@ CONFIG_CASES = [
     ("model.source", KeyError, ["model", "'source' is a required property"]),
     ("models", [{"name": "a", "source": "gpt2"}], ["model", "models", "not both"]),  # not the whole config dumped
     ("model", KeyError, ["model", "models", "found neither"]),
+    ("corpus.sources.0.encoding", "utf-99", ["corpus.sources[0].encoding", "'utf-99'"]),  # was a LookupError traceback in tokenize_corpus
     ("selection", {"mode": "threshold", "passes": 1, "quantiles": {"bins": 2, "per_bin": 1}},
      ["selection.passes", "quantiles"]),  # bins are fractions of the final max: one pass cannot sample them
 ]

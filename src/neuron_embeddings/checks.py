@@ -7,6 +7,7 @@ key and the value, and no job (let alone a finished output) is touched.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
@@ -201,6 +202,13 @@ def check_model(config: dict[str, Any], prepared_model: str | os.PathLike | None
 def check_corpus(config: dict[str, Any]) -> None:
     corpus = config["corpus"]
     for index, source in enumerate(corpus["sources"]):
+        if "encoding" in source:
+            try:
+                codecs.lookup(source["encoding"])
+            except LookupError:
+                raise PipelineError(
+                    f"corpus.sources[{index}].encoding: '{source['encoding']}' is not a text encoding Python knows"
+                ) from None
         if "path" in source:
             pattern = os.path.expanduser(source["path"])
             matches = glob.glob(pattern, recursive=True) if glob.has_magic(pattern) else [pattern]
