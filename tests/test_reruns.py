@@ -61,6 +61,21 @@ def test_finished_run_has_nothing_to_do(reference_run):
     assert plan(workdir, config) == {}
 
 
+def test_same_config_in_another_key_order_reruns_nothing(reference_run):
+    """Params are compared by repr: a config whose keys are reordered (an editor, yaml.safe_dump's sorting) or
+    whose defaults are written out reran everything from tokenize_corpus on."""
+    workdir, config = reference_run
+
+    def reversed_keys(value):
+        if isinstance(value, dict):
+            return {key: reversed_keys(value[key]) for key in reversed(list(value))}
+        return [reversed_keys(v) for v in value] if isinstance(value, list) else value
+
+    assert plan(workdir, reversed_keys(config)) == {}
+    spelled_out = changed(config, corpus__min_window_tokens=2, corpus__seed=0)  # the schema's defaults
+    assert plan(workdir, spelled_out) == {}
+
+
 def test_threshold_change_reruns_only_clustering_and_what_follows(reference_run):
     workdir, config = reference_run
     jobs = plan(workdir, changed(config, clustering__threshold={"default": 0.5, "per_layer": {"2": 0.2}}))

@@ -40,6 +40,22 @@ def startup_checks(check, *args, **kwargs):
 startup_checks(validate_config, config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
 validate(config, schema="../schemas/config.schema.yaml")  # passes now; fills in the schema's defaults
 
+
+def sorted_keys(value):
+    """The config with every mapping's keys in sorted order. Snakemake compares a rule's params by their repr, so
+    the same settings written in another key order (or with a default written out) would otherwise rerun
+    everything from the corpus on."""
+    if isinstance(value, dict):
+        return {key: sorted_keys(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [sorted_keys(item) for item in value]
+    return value
+
+
+_sorted_config = sorted_keys(config)
+config.clear()
+config.update(_sorted_config)
+
 RUN = f"results/{config['run']}"
 SHARDS = [f"{i:03d}" for i in range(config["corpus"]["n_shards"])]
 ENV = "../../envs/pipeline.yaml"
