@@ -359,3 +359,20 @@ def test_each_sae_script_imports_only_the_modules_it_runs():
             "print(sorted(m for m in sys.modules if m.startswith(('torch', 'neuron_embeddings.sae.'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['neuron_embeddings.sae.config']"
+
+
+def test_sae_on_a_mixture_of_experts_is_one_line(tmp_path):
+    """sae.train on a MoE model (Mixtral, Qwen2-MoE) crashed in train_sae with a TypeError from the experts'
+    accumulator; it is now refused in one line before the model loads (docs/model-families.md)."""
+    import json
+
+    from neuron_embeddings.errors import PipelineError
+    from neuron_embeddings.sae.saelens_io import check_dense_model
+    from neuron_embeddings.sources import MANIFEST
+
+    manifest = {"architecture": "MixtralForCausalLM", "layout": {"experts": {"module": "mlp.experts", "n_experts": 4}}}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(PipelineError, match="layer 2 of MixtralForCausalLM is a mixture of experts"):
+        check_dense_model(tmp_path, 2, "sae.train")
+    (tmp_path / MANIFEST).write_text(json.dumps({"architecture": "LlamaForCausalLM", "layout": {"experts": None}}))
+    check_dense_model(tmp_path, 2, "sae.train")

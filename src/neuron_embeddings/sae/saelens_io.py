@@ -121,8 +121,20 @@ def save_sae(sae: SparseAutoencoder, folder: str | os.PathLike, provenance: dict
         tmp.write_text(json.dumps(cfg, indent=2, default=str) + "\n")
 
 
+def check_dense_model(model_dir: str | os.PathLike, layer: int, what: str) -> None:
+    """An SAE reads one dense MLP's activations; a mixture-of-experts layer has one MLP per expert, which no SAE
+    stage reads (docs/model-families.md). One line, before any model is loaded."""
+    manifest = json.loads((Path(model_dir) / MANIFEST).read_text())
+    if (manifest.get("layout") or {}).get("experts"):
+        raise PipelineError(
+            f"{what}: layer {layer} of {manifest.get('architecture', 'the model')} is a mixture of experts; "
+            "SAEs on mixture-of-experts layers are not supported"
+        )
+
+
 def import_sae(folder: str | os.PathLike, out_dir: str | os.PathLike, layer: int, model_dir: str | os.PathLike) -> dict[str, Any]:
     """An external SAE (SAELens layout), checked against the layer it is configured for and saved in ours."""
+    check_dense_model(model_dir, layer, f"sae.external '{folder}'")
     sae = load_sae(folder)
     n_neurons = int(json.loads((Path(model_dir) / MANIFEST).read_text())["n_neurons"])
     check_fits(sae, layer, n_neurons, f"sae.external '{folder}'")

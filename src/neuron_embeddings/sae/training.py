@@ -17,7 +17,7 @@ from ..activations import stream_shard
 from ..errors import PipelineError
 from ..storage import provenance, write_json
 from .model import SparseAutoencoder
-from .saelens_io import save_sae
+from .saelens_io import check_dense_model, save_sae
 from .streaming import held_out_windows, load_model, real_tokens, shard_name, stream_settings
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,7 @@ def train_sae(
     """Train an SAE on layer `layer`'s MLP activations, streamed from the model over the corpus shards (the held-out
     windows excepted), and save it in the SAELens layout plus a training record (loss curve) as JSON."""
     settings.check()
+    check_dense_model(model_dir, layer, "sae.train")
     stream = stream_settings(window_tokens, compute)
     model, tokenizer, info, device = load_model(model_dir, [layer], stream.device, stream.dtype, trust_remote_code)
     held_out = held_out_windows(shard_paths, settings.eval_tokens, settings.seed)
