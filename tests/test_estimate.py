@@ -51,3 +51,15 @@ def test_estimate_refuses_a_bad_config_in_one_line(reference_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "neuron_embeddings.cli", "estimate", "--configfile", str(bad)],
                           cwd=workdir, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: layers: [99] out of range")
+
+
+def test_timing_fit_never_gives_an_infinite_rate():
+    """The larger calibration shard timed no slower than the smaller (noise, warm-up on a busy CPU): the slope was
+    clamped to 1e-9 s/token, printed as 1,000,000,000 tokens/s and 0 GPU-hours."""
+    from neuron_embeddings.estimate import fit_timings
+
+    fit = fit_timings([(512, 0.30), (2048, 0.28)])
+    assert fit["s_per_token"] == pytest.approx(0.28 / 2048)
+    assert fit["tokens_per_s"] < 1e5
+    regular = fit_timings([(512, 1.0), (2048, 2.5)])  # start-up 0.5 s, 1 ms per token
+    assert regular["s_per_token"] == pytest.approx(1.5 / 1536) and regular["startup_s"] == pytest.approx(0.5)

@@ -137,15 +137,22 @@ def calibrate(config: dict[str, Any], model_dir: Path, windows: list[list[int]],
         start = time.perf_counter()
         cache_shard(model_dir, shard, layers, out, settings, shard="calibration", stats_paths=stats_paths)
         results["cache"].append((tokens, time.perf_counter() - start))
-    fits = {}
-    for name, points in results.items():
-        if not points:
-            continue
-        (n1, t1), (n2, t2) = points[0], points[-1]
-        per_token = max((t2 - t1) / (n2 - n1), 1e-9) if n2 > n1 else t2 / max(n2, 1)
-        fits[name] = {"startup_s": max(t1 - per_token * n1, 0.0), "s_per_token": per_token,
-                      "tokens_per_s": 1.0 / per_token, "calibration_tokens": n2}
-    return fits
+    return {name: fit_timings(points) for name, points in results.items() if points}
+
+
+def fit_timings(points: list[tuple[int, float]]) -> dict[str, float]:
+    """(start-up s, s per token) through the smallest and largest (tokens, seconds) timing. Where the larger run
+    was not the slower one (timing noise, a first call's warm-up: a small model on a busy machine), the slope says
+    nothing: the whole larger run's time per token is taken instead, an upper bound, never a rate of ~1e9 tokens/s
+    and 0 GPU-hours."""
+    (n1, t1), (n2, t2) = points[0], points[-1]
+    if n2 > n1 and t2 > t1:
+        per_token = (t2 - t1) / (n2 - n1)
+    else:
+        per_token = t2 / max(n2, 1)
+    per_token = max(per_token, 1e-12)
+    return {"startup_s": max(t1 - per_token * n1, 0.0), "s_per_token": per_token,
+            "tokens_per_s": 1.0 / per_token, "calibration_tokens": n2}
 
 
 def estimate(config: dict[str, Any], device: str | None = None, budget_s: float = 60.0) -> dict[str, Any]:
@@ -262,6 +269,10 @@ def render(result: dict[str, Any]) -> str:
                  f"{human_bytes(total_disk):>15} {total_gpu:>9.3f}  GPU-hours ({result['device']} calibration)")
     lines.append("(plus the analyses and the explorer: a few small CPU jobs per layer; token importance reruns the "
                  "model on the shown examples only)")
+    models = result["config"].get("models") or []
+    if len(models) > 1:
+        lines.append(f"(models: the table is the first of the run's {len(models)} models, "
+                     f"'{models[0]['name']}'; each other model adds about as much)")
     return "\n".join(lines)
 
 
