@@ -63,3 +63,13 @@ def test_timing_fit_never_gives_an_infinite_rate():
     assert fit["tokens_per_s"] < 1e5
     regular = fit_timings([(512, 1.0), (2048, 2.5)])  # start-up 0.5 s, 1 ms per token
     assert regular["s_per_token"] == pytest.approx(1.5 / 1536) and regular["startup_s"] == pytest.approx(0.5)
+
+
+def test_a_capped_document_count_is_a_lower_bound():
+    """Counting stops at max_tokens, while the corpus stage samples windows from every document."""
+    from neuron_embeddings.estimate import documents_text
+
+    capped = {"config": {"corpus": {"max_tokens": 1000}}, "documents": 4, "tokens": 1000}
+    assert documents_text(capped) == "at least 4 documents (counted until max_tokens was reached)"
+    assert documents_text({**capped, "tokens": 900}) == "4 documents"
+    assert documents_text({"config": {"corpus": {"max_tokens": None}}, "documents": 4, "tokens": 5000}) == "4 documents"

@@ -238,12 +238,21 @@ def human_bytes(value: float) -> str:
     return ""
 
 
+def documents_text(result: dict[str, Any]) -> str:
+    """The documents count as estimated: counting stops once max_tokens is reached, while the corpus stage samples
+    its windows from every document, so a capped count is a lower bound."""
+    cap = result["config"]["corpus"].get("max_tokens")
+    if cap is not None and result["tokens"] >= cap:
+        return f"at least {result['documents']} documents (counted until max_tokens was reached)"
+    return f"{result['documents']} documents"
+
+
 def render(result: dict[str, Any]) -> str:
     info, fits = result["model"], result["calibration"]
     lines = [
         f"model: {info['architecture']}, {info['n_layers']} layers, d_model {info['d_model']}, "
         f"{info['n_neurons']} neurons x {info['n_projections']} projection(s), {result['parameters'] / 1e6:.1f} M parameters",
-        f"corpus: {result['documents']} documents, {result['tokens']:,} tokens"
+        f"corpus: {documents_text(result)}, {result['tokens']:,} tokens"
         + ("" if result["tokens_exact"] else " (extrapolated: counting stopped at the time budget)"),
     ]
     for name, fit in fits.items():
