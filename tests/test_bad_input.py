@@ -83,8 +83,6 @@ CONFIG_CASES = [
     ("models", [{"name": "a", "source": "gpt2"}], ["model", "models", "not both"]),  # not the whole config dumped
     ("model", KeyError, ["model", "models", "found neither"]),
     ("corpus.sources.0.encoding", "utf-99", ["corpus.sources[0].encoding", "'utf-99'"]),  # was a LookupError traceback in tokenize_corpus
-    ("clustering.threshold", {"default": 0.4, "per_layer": {"7": 0.2}},
-     ["clustering.threshold.per_layer", "[7]"]),  # a layer not run: a typo would leave the one meant at the default
     ("selection", {"mode": "threshold", "passes": 1, "quantiles": {"bins": 2, "per_bin": 1}},
      ["selection.passes", "quantiles"]),  # bins are fractions of the final max: one pass cannot sample them
 ]

@@ -237,11 +237,6 @@ def check_config(config: dict[str, Any], prepared_model: str | os.PathLike | Non
                 raise
             raise PipelineError(f"models[{index}] ({entry['name']}): {exc}") from None
     check_corpus(config)
-    threshold = (config.get("clustering") or {}).get("threshold")
-    if isinstance(threshold, dict):
-        unknown = sorted({int(k) for k in threshold.get("per_layer") or {}} - set(config["layers"]))
-        if unknown:  # a typo would otherwise leave the layer meant at the default, silently
-            raise PipelineError(f"clustering.threshold.per_layer: layers {unknown} are not in layers {config['layers']}")
     sel = config["selection"]
     selection_passes(sel)
     needed = sel["context_before"] + sel["context_after"] + 1
