@@ -180,7 +180,7 @@ def data(request):
 def store_room(request, monkeypatch):
     """tight: the x store's buffer has no spare room, so it is compacted (rows renumbered) on most batches."""
     if request.param == "tight":
-        monkeypatch.setattr(topk, "MIN_STORE_ROWS", 1)
+        monkeypatch.setattr(topk, "STORE_SEGMENT_ROWS", 1)
     return request.param
 
 
@@ -202,13 +202,33 @@ def test_sharded_merge_matches_brute_force(data, k, bounds, store_room):
 
 
 def test_tight_store_compacts_while_streaming(monkeypatch):
-    monkeypatch.setattr(topk, "MIN_STORE_ROWS", 1)
+    monkeypatch.setattr(topk, "STORE_SEGMENT_ROWS", 1)
     compactions = []
     live_rows = topk.ExampleSet._live_rows
     monkeypatch.setattr(topk.ExampleSet, "_live_rows", lambda self: compactions.append(1) or live_rows(self))
     data = _data(0, rising=True)
     _assert_matches(_run(*data, 2, 1), _brute_force(*data, 2))
     assert len(compactions) >= 5  # the renumbering path ran while streaming, not only in state()
+
+
+@pytest.mark.parametrize("segment_rows", [1, 3, 1024])
+def test_row_store_compacts_in_place_as_a_gather_would(monkeypatch, segment_rows):
+    """The segmented x store against a plain tensor: appends across segment ends, then compactions keeping random
+    sorted subsets (rows moving between segments, and within one), give the rows a gather of the kept ones gives."""
+    monkeypatch.setattr(topk, "STORE_SEGMENT_ROWS", segment_rows)
+    g = torch.Generator().manual_seed(0)
+    store, reference = topk.RowStore(5, torch.float32), torch.zeros((0, 5))
+    for step in range(12):
+        rows = torch.randn((int(torch.randint(0, 9, (1,), generator=g)), 5), generator=g)
+        store.reserve(store.n + rows.shape[0])
+        store.append(rows)
+        reference = torch.cat([reference, rows])
+        if step % 3 == 2:
+            used = torch.sort(torch.randperm(store.n, generator=g)[: store.n // 2]).values
+            store.compact(used)
+            reference = reference[used]
+        assert store.n == len(reference) and torch.equal(store.rows(), reference)
+        assert store.capacity >= store.n and all(s.shape[0] == store.segment_rows for s in store.segments)
 
 
 def test_merge_of_merges_matches_brute_force(data):

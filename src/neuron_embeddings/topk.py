@@ -66,7 +66,74 @@ def hist_bins(v: torch.Tensor) -> torch.Tensor:
 EMPTY = {"keys": float("-inf"), "tokens": NO_TOKEN, "values": float("-inf"), "pre": 0.0, "context": float("nan"),
          "xrow": -1}
 
-MIN_STORE_ROWS = 1024  # the x store's smallest buffer: growing it from nothing would compact on every batch
+# The x store grows by segments of at most this many rows and bytes: growing by a segment copies nothing, where a
+# contiguous buffer copied every row into fresh memory at each growth (and first-touching fresh memory costs more
+# than the copy on some machines: a VM's page faults run at ~0.4 GB/s).
+STORE_SEGMENT_ROWS = 1024
+STORE_SEGMENT_BYTES = 4 << 20
+
+
+class RowStore:
+    """Rows (the MLP inputs x, one per distinct token) appended a batch at a time into fixed-size segments, and
+    compacted in place: the rows still in use moved to the front, in order, segment by segment."""
+
+    def __init__(self, width: int, dtype: torch.dtype):
+        self.width, self.dtype = width, dtype
+        row_bytes = max(1, width * torch.empty((), dtype=dtype).element_size())
+        self.segment_rows = max(1, min(STORE_SEGMENT_ROWS, STORE_SEGMENT_BYTES // row_bytes))
+        self.segments: list[torch.Tensor] = []
+        self.n = 0
+
+    @classmethod
+    def holding(cls, rows: torch.Tensor) -> RowStore:
+        store = cls(rows.shape[1], rows.dtype)
+        store.reserve(rows.shape[0])
+        store.append(rows)
+        return store
+
+    @property
+    def capacity(self) -> int:
+        return len(self.segments) * self.segment_rows
+
+    def reserve(self, rows: int) -> None:
+        """Room for `rows` rows in all (new segments are allocated, not touched: pages come as rows are written)."""
+        while self.capacity < rows:
+            self.segments.append(torch.empty((self.segment_rows, self.width), dtype=self.dtype))
+
+    @torch.inference_mode()  # the segments may be inference tensors (made while caching): written only in this mode
+    def append(self, rows: torch.Tensor) -> None:
+        at, size = 0, self.segment_rows
+        while at < rows.shape[0]:
+            segment, offset = divmod(self.n, size)
+            take = min(size - offset, rows.shape[0] - at)
+            self.segments[segment][offset : offset + take] = rows[at : at + take]
+            at += take
+            self.n += take
+
+    @torch.inference_mode()
+    def compact(self, used: torch.Tensor) -> None:
+        """Keep the rows `used` (sorted, distinct), now rows 0..len(used)-1 in the same order. In place: the rows
+        that land in segment s come from segments >= s (used[i] >= i), read in increasing order, so a segment is
+        never written before the rows it gives up have been read."""
+        size = self.segment_rows
+        for s, start in enumerate(range(0, used.numel(), size)):
+            source = used[start : start + size]
+            if int(source[0]) == start and int(source[-1]) == start + source.numel() - 1:
+                continue  # these rows are in place already
+            where = torch.div(source, size, rounding_mode="floor")
+            cuts = torch.searchsorted(where, torch.unique_consecutive(where), right=True).tolist()
+            begin = 0
+            for cut in cuts:
+                j = int(where[begin])
+                self.segments[s][begin:cut] = self.segments[j][source[begin:cut] - j * size]
+                begin = cut
+        self.n = used.numel()
+
+    def rows(self) -> torch.Tensor:
+        """The store's rows as one tensor (a copy)."""
+        size = self.segment_rows
+        parts = [self.segments[s][: min(size, self.n - s * size)] for s in range(-(-self.n // size))]
+        return torch.cat(parts) if parts else torch.empty((0, self.width), dtype=self.dtype)
 
 SIGNS = ("positive", "negative", "both")
 
@@ -252,8 +319,8 @@ class ExampleSet:
 
     Per entry: key, activation, pre-activation per projection, the neuron's activations over a context window
     around the token, and a pointer into a store of MLP inputs x. The store keeps one row per distinct token;
-    it is a buffer with spare room, compacted (rows no kept entry points to dropped) only when full, so adding
-    a batch's rows costs what those rows cost, and it holds at most about 1.5 x (live rows + one batch's rows).
+    it has spare room, and is compacted (rows no kept entry points to dropped) only when full, so adding a
+    batch's rows costs what those rows cost, and it holds at most about 1.5 x (live rows + one batch's rows).
     """
 
     def __init__(
@@ -271,11 +338,11 @@ class ExampleSet:
 
     @property
     def x_store(self) -> torch.Tensor:
-        return self._x[: self._n_x]
+        return self._store.rows()
 
     @x_store.setter
     def x_store(self, x: torch.Tensor) -> None:
-        self._x, self._n_x = x, x.shape[0]
+        self._store = RowStore.holding(x)
 
     def kth_key(self) -> torch.Tensor:
         return self.keys[:, -1]
@@ -343,35 +410,33 @@ class ExampleSet:
         around = torch.take(batch.act, window_row * N + sel_neuron[:, None]).float()
         ok = inside & torch.take(batch.valid, window_row)
         ctx = torch.where(ok, around, torch.full_like(around, float("nan"))).cpu()
-        xrow = self._n_x + inverse.cpu()
-        self._x[self._n_x : self._n_x + unique_rows.numel()] = batch.x.reshape(B * T, -1)[unique_rows].to(self._x.dtype).cpu()
-        self._n_x += unique_rows.numel()
+        xrow = self._store.n + inverse.cpu()
+        self._store.append(batch.x.reshape(B * T, -1)[unique_rows].to(self._store.dtype).cpu())
         return values, pre, ctx, xrow
 
     def _live_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The store rows kept entries point to, and xrow renumbered to index them."""
         live = self.xrow >= 0
         # torch.unique would sort every pointer; marking the rows in use costs one pass over them instead.
-        hit = torch.zeros(self._n_x, dtype=torch.bool)
+        hit = torch.zeros(self._store.n, dtype=torch.bool)
         hit[self.xrow[live]] = True
         renumber = torch.cumsum(hit, 0) - 1
-        xrow = torch.where(live, renumber[self.xrow.clamp(min=0)] if self._n_x else self.xrow, -1)
+        xrow = torch.where(live, renumber[self.xrow.clamp(min=0)] if self._store.n else self.xrow, -1)
         return hit.nonzero(as_tuple=True)[0], xrow
 
     def _reserve(self, rows: int) -> None:
         """Room for `rows` more store rows: when the buffer is full, compact it into a new one."""
-        if self._n_x + rows <= self._x.shape[0]:
+        if self._store.n + rows <= self._store.capacity:
             return
         used, self.xrow = self._live_rows()
-        # Half again what is needed: compaction then comes every ~(live rows / 2) new rows, costing ~2 copies per row.
-        buffer = self._x.new_empty((max(3 * (used.numel() + rows) // 2, MIN_STORE_ROWS), self._x.shape[1]))
-        buffer[: used.numel()] = self._x[used]
-        self._x, self._n_x = buffer, used.numel()
+        self._store.compact(used)
+        # Half again what is needed: compaction then comes every ~(live rows / 2) new rows.
+        self._store.reserve(3 * (used.numel() + rows) // 2)
 
     def compact(self) -> None:
-        """Drop store rows no kept entry points to, and the spare room."""
+        """Drop store rows no kept entry points to (x_store then holds only the live rows)."""
         used, self.xrow = self._live_rows()
-        self.x_store = self._x[used]
+        self._store.compact(used)
 
     def state(self, prefix: str = "") -> dict[str, torch.Tensor]:
         self.compact()
