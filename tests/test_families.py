@@ -325,3 +325,38 @@ def test_token_texts_are_optional(tiny_llama, tmp_path):
     tokenizer, texts = load_tokenizer(tiny_llama), TokenTexts(tiny_llama)
     assert [texts(i) for i in range(20)] == [tokenizer.decode([i]) for i in range(20)]
     assert texts.special_id("pad_token_id") == tokenizer.pad_token_id
+
+
+def test_characters_split_over_tokens_read_as_the_text(tiny_llama):
+    """A byte-level BPE splits CJK, emoji and accented characters over tokens that each decode alone to U+FFFD;
+    the embeddings' token and context columns give each token the characters it completes, so the report and
+    the explorer show the text, not a row of U+FFFD (tokens that complete nothing get "")."""
+    import numpy as np
+
+    from neuron_embeddings.embeddings import split_characters
+    from neuron_embeddings.models import load_tokenizer
+    from neuron_embeddings.vocab import TokenTexts
+
+    tokenizer, texts = load_tokenizer(tiny_llama), TokenTexts(tiny_llama)
+    contexts = ["the 猫 sat on 🐍 mat", "naïve café 数据"]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in contexts]
+    context_ids = np.array([i for row in ids for i in row])
+    offsets = np.cumsum([0] + [len(row) for row in ids])
+    vocab = np.unique(context_ids)
+    code = np.zeros(int(vocab.max()) + 1, np.int64)
+    code[vocab] = np.arange(len(vocab))
+    lone = [texts(int(i)) for i in vocab]
+    assert sum("\ufffd" in t for t in lone) >= 4  # the case at hand: lone bytes of multi-byte characters
+    extra = split_characters(context_ids, code[context_ids], offsets, lone, texts)
+    shown = [extra.get(flat, lone[code[i]]) for flat, i in enumerate(context_ids)]
+    for row, text in enumerate(contexts):
+        assert "".join(shown[offsets[row] : offsets[row + 1]]) == text
+    assert not any("\ufffd" in t for t in shown)
+    # a context cut inside a character keeps that character's bytes as U+FFFD, on its last token
+    snake = tokenizer("🐍", add_special_tokens=False)["input_ids"]
+    cut = np.array(snake[:-1])
+    cut_code = np.zeros(int(cut.max()) + 1, np.int64)
+    cut_lone = [texts(int(i)) for i in np.unique(cut)]
+    cut_code[np.unique(cut)] = np.arange(len(cut_lone))
+    pieces = split_characters(cut, cut_code[cut], np.array([0, len(cut)]), cut_lone, texts)
+    assert "\ufffd" in pieces[len(cut) - 1] and "".join(pieces.values()).strip("\ufffd") == ""

@@ -200,6 +200,52 @@ def read_windows(corpus_shards: list[str | os.PathLike]) -> dict[str, np.ndarray
     return out
 
 
+def split_characters(context_ids: np.ndarray, context_code: np.ndarray, offsets: np.ndarray, lone: list[str],
+                     text: TokenTexts) -> dict[int, str]:
+    """The texts of context tokens that hold part of a character (a byte-level BPE splits CJK, emoji and other
+    multi-byte characters over several tokens; each decoded alone is U+FFFD): per flat position, what the token
+    adds in its context, i.e. the characters it completes. Each run of such tokens is decoded a growing prefix at
+    a time (the tokenizer is loaded only when there is one); a token that completes no character gets "" and the
+    one that completes it gets the character, so the context reads as the text did. A character the window cuts
+    stays U+FFFD."""
+    partial = np.array(["\ufffd" in t for t in lone], bool)
+    flagged = partial[context_code] if len(lone) else np.zeros(0, bool)
+    if not flagged.any():
+        return {}
+    # runs of flagged positions, never across two contexts
+    at = np.flatnonzero(flagged)
+    starts_context = np.zeros(len(flagged) + 1, bool)
+    starts_context[offsets] = True
+    new_run = np.r_[True, (np.diff(at) != 1) | starts_context[at[1:]]]
+    bounds = np.append(np.flatnonzero(new_run), len(at))
+    cache: dict[tuple[int, ...], list[str] | None] = {}
+    out: dict[int, str] = {}
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        positions = at[lo:hi]
+        run = tuple(int(i) for i in context_ids[positions])
+        if run not in cache:
+            cache[run] = _completed_characters(run, text.tokenizer)
+        pieces = cache[run]
+        if pieces is not None:
+            out.update(zip(positions.tolist(), pieces))
+    return out
+
+
+def _completed_characters(run: tuple[int, ...], tokenizer: Any) -> list[str] | None:
+    """Per token of the run, the characters decoding it adds to the decoded prefix before it (incomplete bytes
+    held back until a later token completes them); None when the prefixes do not extend one another."""
+    pieces, committed, decoded = [], "", ""
+    for end in range(1, len(run) + 1):
+        decoded = tokenizer.decode(list(run[:end]))
+        stable = decoded.rstrip("\ufffd")
+        if not stable.startswith(committed):
+            return None
+        pieces.append(stable[len(committed):])
+        committed = stable
+    pieces[-1] += decoded[len(committed):]  # bytes of a character the window cut: kept, as U+FFFD
+    return pieces
+
+
 def text_columns(token_index: np.ndarray, context: np.ndarray, windows: dict[str, np.ndarray], T: int, before: int,
                  text: TokenTexts) -> dict[str, pa.Array]:
     """Per example: its document and position there, the max token (id and text), and the context window's tokens
@@ -226,17 +272,24 @@ def text_columns(token_index: np.ndarray, context: np.ndarray, windows: dict[str
     vocab = np.flatnonzero(present)
     code = np.zeros(len(present), np.int32)
     code[vocab] = np.arange(len(vocab), dtype=np.int32)
-    texts = pa.array([text(int(i)) for i in vocab.tolist()], pa.string())
-
-    def strings(ids: np.ndarray) -> pa.Array:
-        return texts.take(pa.array(code[ids]))
+    lone = [text(int(i)) for i in vocab.tolist()]
+    context_code = code[context_ids]
+    extra = split_characters(context_ids, context_code, offsets, lone, text)
+    center = offsets[:-1].astype(np.int64) + (before - first)
+    token_code = code[token_id]
+    for flat, piece in extra.items():  # per flat position of the contexts: its text in context
+        context_code[flat] = len(lone)
+        lone.append(piece)
+    inside = center < offsets[1:]
+    token_code[inside] = context_code[center[inside]]
+    texts = pa.array(lone, pa.string())
 
     return {
         "document": pa.array(windows["document"][k], pa.int64()),
         "doc_position": pa.array(windows["doc_start"][k] + pos - windows["n_prefix"][k], pa.int32()),
         "token_id": pa.array(token_id, pa.int32()),
-        "token": strings(token_id),
-        "context_tokens": pa.ListArray.from_arrays(pa.array(offsets), strings(context_ids)),
+        "token": texts.take(pa.array(token_code)),
+        "context_tokens": pa.ListArray.from_arrays(pa.array(offsets), texts.take(pa.array(context_code))),
         "context_activations": pa.ListArray.from_arrays(pa.array(offsets), pa.array(context[keep], pa.float32())),
         "context_center": pa.array(before - first, pa.int16()),
     }
