@@ -386,3 +386,14 @@ def test_truncated_output_fails_its_reader_and_leaves_other_layers_alone(referen
                           for e in errors), output[-3000:]
     assert {k: v for k, v in snapshot(run).items() if "layer-2" in k} == layer2
     shutil.rmtree(workdir)
+
+
+def test_a_per_layer_threshold_for_a_layer_not_run_is_a_warning(base):
+    """Kept for a whole model and run on a subset of its layers, or a typo: said, but the run goes on."""
+    from neuron_embeddings.checks import config_warnings
+
+    config = edited(base, "clustering.threshold", {"default": 0.4, "per_layer": {"7": 0.2, "2": 0.3}})
+    check_config(fill_defaults(config, SCHEMA))  # not an error
+    (warning,) = config_warnings(fill_defaults(config, SCHEMA))
+    assert "clustering.threshold.per_layer" in warning and "[7]" in warning and "\n" not in warning
+    assert config_warnings(fill_defaults(base, SCHEMA)) == []

@@ -244,6 +244,19 @@ def check_config(config: dict[str, Any], prepared_model: str | os.PathLike | Non
         raise PipelineError("selection.context_before/after: the context is far wider than corpus.window_tokens")
 
 
+def config_warnings(config: dict[str, Any]) -> list[str]:
+    """What looks like a slip but may be meant: printed at start-up, never stopping the run. A per-layer threshold
+    for a layer not run is normal for a map kept for a whole model and run on a subset, and a typo otherwise."""
+    threshold = (config.get("clustering") or {}).get("threshold")
+    if not isinstance(threshold, dict):
+        return []
+    unused = sorted({int(key) for key in threshold.get("per_layer") or {}} - set(config["layers"]))
+    if not unused:
+        return []
+    return [f"warning: clustering.threshold.per_layer: layers {unused} are not in layers {sorted(config['layers'])}, "
+            f"so their thresholds are not used"]
+
+
 def selection_passes(selection: dict[str, Any]) -> int:
     """How many passes over the corpus the threshold selection takes: auto is one, unless quantile bins are asked
     for, which are fractions of the final max and so need it before the pass that samples them."""

@@ -13,6 +13,7 @@ sys.path.insert(0, str(SRC.parent))
 # Light modules only (no torch): the Snakefile is parsed before every run and inside every cluster job.
 from neuron_embeddings.checks import (
     check_config,
+    config_warnings,
     model_entries,
     scheduler_warning,
     selection_passes,
@@ -88,6 +89,8 @@ wildcard_constraints:
 startup_checks(
     check_config, config, prepared_models={entry["name"]: f"results/{run}/model" for run, entry in ENTRY.items()}
 )
+for warning in config_warnings(config):
+    print(warning, file=sys.stderr)
 
 
 def model_settings(entry):
