@@ -327,15 +327,23 @@ def test_token_texts_are_optional(tiny_llama, tmp_path):
     assert texts.special_id("pad_token_id") == tokenizer.pad_token_id
 
 
-def test_characters_split_over_tokens_read_as_the_text(tiny_llama):
+@pytest.mark.parametrize("path", ["bytes", "prefix decoding"])
+def test_characters_split_over_tokens_read_as_the_text(tiny_llama, monkeypatch, path):
     """A byte-level BPE splits CJK, emoji and accented characters over tokens that each decode alone to U+FFFD;
     the embeddings' token and context columns give each token the characters it completes, so the report and
-    the explorer show the text, not a row of U+FFFD (tokens that complete nothing get "")."""
+    the explorer show the text, not a row of U+FFFD (tokens that complete nothing get ""). From the tokens' bytes
+    (a byte-level BPE), or by decoding growing prefixes (any other tokenizer)."""
     import numpy as np
 
+    from neuron_embeddings import embeddings
     from neuron_embeddings.embeddings import split_characters
     from neuron_embeddings.models import load_tokenizer
     from neuron_embeddings.vocab import TokenTexts
+
+    if path == "prefix decoding":
+        monkeypatch.setattr(embeddings, "token_bytes", lambda tokenizer, ids: None)
+    else:
+        assert embeddings.token_bytes(load_tokenizer(tiny_llama), [0, 1]) is not None
 
     tokenizer, texts = load_tokenizer(tiny_llama), TokenTexts(tiny_llama)
     contexts = ["the 猫 sat on 🐍 mat", "naïve café 数据"]

@@ -6,6 +6,7 @@ sum(e_j) + b_j is the model's pre-activation for projection j at that token, so 
 
 from __future__ import annotations
 
+import codecs
 import os
 from pathlib import Path
 from typing import Any
@@ -218,17 +219,51 @@ def split_characters(context_ids: np.ndarray, context_code: np.ndarray, offsets:
     starts_context[offsets] = True
     new_run = np.r_[True, (np.diff(at) != 1) | starts_context[at[1:]]]
     bounds = np.append(np.flatnonzero(new_run), len(at))
+    tokenizer = text.tokenizer
+    raw = token_bytes(tokenizer, np.unique(context_ids[at]).tolist())
     cache: dict[tuple[int, ...], list[str] | None] = {}
     out: dict[int, str] = {}
     for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         positions = at[lo:hi]
         run = tuple(int(i) for i in context_ids[positions])
         if run not in cache:
-            cache[run] = _completed_characters(run, text.tokenizer)
+            cache[run] = _completed_from_bytes(run, raw) if raw is not None else _completed_characters(run, tokenizer)
         pieces = cache[run]
         if pieces is not None:
             out.update(zip(positions.tolist(), pieces))
     return out
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """The byte-level BPE's printable stand-in for each byte (GPT-2's alphabet, which the `tokenizers` ByteLevel
+    decoder inverts): printable Latin-1 stands for itself, the other 68 bytes for code points from 256 on."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + n): b for n, b in enumerate(shifted)}}
+
+
+def token_bytes(tokenizer: Any, ids: list[int]) -> dict[int, bytes] | None:
+    """The bytes of these tokens, when the tokenizer is a byte-level BPE whose decoder does nothing else (GPT-2,
+    Llama 3, Qwen, SmolLM...); else None (the caller decodes prefixes instead)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    if decoder is None or type(decoder).__name__ != "ByteLevel":
+        return None
+    alphabet = _byte_alphabet()
+    out = {}
+    for token_id, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
+        if piece is None or any(c not in alphabet for c in piece):
+            return None  # an added token spelled outside the alphabet: not worth a special case
+        out[token_id] = bytes(alphabet[c] for c in piece)
+    return out
+
+
+def _completed_from_bytes(run: tuple[int, ...], raw: dict[int, bytes]) -> list[str]:
+    """_completed_characters from the tokens' bytes, by an incremental UTF-8 decoder: one pass, no tokenizer."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces = [decoder.decode(raw[token]) for token in run]
+    pieces[-1] += decoder.decode(b"", final=True)
+    return pieces
 
 
 def _completed_characters(run: tuple[int, ...], tokenizer: Any) -> list[str] | None:
