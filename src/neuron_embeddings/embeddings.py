@@ -205,10 +205,10 @@ def split_characters(context_ids: np.ndarray, context_code: np.ndarray, offsets:
                      text: TokenTexts) -> dict[int, str]:
     """The texts of context tokens that hold part of a character (a byte-level BPE splits CJK, emoji and other
     multi-byte characters over several tokens; each decoded alone is U+FFFD): per flat position, what the token
-    adds in its context, i.e. the characters it completes. Each run of such tokens is decoded a growing prefix at
-    a time (the tokenizer is loaded only when there is one); a token that completes no character gets "" and the
-    one that completes it gets the character, so the context reads as the text did. A character the window cuts
-    stays U+FFFD."""
+    adds in its context, i.e. the characters it completes. Each run of such tokens is decoded from the tokens'
+    bytes (a byte-level BPE), else a growing prefix at a time; the tokenizer is loaded only when there is a run. A
+    token that completes no character gets "" and the one that completes it gets the character, so the context
+    reads as the text did. A character the window cuts stays U+FFFD."""
     partial = np.array(["\ufffd" in t for t in lone], bool)
     flagged = partial[context_code] if len(lone) else np.zeros(0, bool)
     if not flagged.any():

@@ -425,7 +425,7 @@ class ExampleSet:
         return hit.nonzero(as_tuple=True)[0], xrow
 
     def _reserve(self, rows: int) -> None:
-        """Room for `rows` more store rows: when the buffer is full, compact it into a new one."""
+        """Room for `rows` more store rows: when the store is full, compact it in place and add segments."""
         if self._store.n + rows <= self._store.capacity:
             return
         used, self.xrow = self._live_rows()
